@@ -1,0 +1,442 @@
+"""The PanGu-Draw model object: prompts in, images out, in stages the pipeline can run on different devices.
+
+    model = PanGuDraw.load("path/to/model")          # or PanGuDraw.load(path, components={"structure"})
+    conds = model.encode(requests)                    # both text encoders, every guidance branch, once per row
+    handoffs = model.sample_structure(requests, conds)    # structure UNet: the steps with t >= T_s
+    latents = model.sample_texture(requests, conds, handoffs)  # texture UNet: the remaining steps
+    images = model.decode(latents)                    # VAE -> uint8 (B, H, W, 3)
+
+`generate(requests)` does all of it. A batch passed to the sampling calls must share one `shape_key`
+(size, steps, sampler); `generate` groups rows itself. Every row's noise comes from its own seed, so a row gives
+the same image in any batch, and the two sampling calls give exactly the result of one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+
+from diffusion import buckets, guidance, noise, runtime, samplers
+from diffusion.config import PRESETS, ModelConfig
+from diffusion.schedule import Schedule, SplitRule, split_index
+from schemas.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "pangudraw-model"
+MODEL_FORMAT_VERSION = 1
+COMPONENTS = frozenset({"text", "structure", "texture", "vae"})
+# Files of our model directory format, per component.
+WEIGHT_FILES = {
+    "structure_unet": "structure_unet.safetensors",
+    "texture_unet": "texture_unet.safetensors",
+    "vae": "vae.safetensors",
+    "text_encoder_1": "text_encoder_1.safetensors",
+    "text_encoder_2": "text_encoder_2.safetensors",
+}
+TOKENIZER_DIRS = {"text_encoder_1": "tokenizer_1", "text_encoder_2": "tokenizer_2"}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One image to make: the prompt and every parameter that changes its pixels."""
+
+    prompt: str
+    seed: int
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    aspect: str | None = None
+    steps: int = 40
+    sampler: str = "euler"
+    guidance_scale: float = 6.0
+    aesthetic_scale: float = 4.0
+    anime_scale: float = 0.0
+    photography_scale: float = 0.0
+
+    def style_scales(self) -> dict[str, float]:
+        return {"aesthetic": self.aesthetic_scale, "anime": self.anime_scale, "photography": self.photography_scale}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the model will do for a request: size, bucket, timesteps and the structure/texture split."""
+
+    size: buckets.SizeChoice
+    latent_shape: tuple[int, int, int]
+    timesteps: np.ndarray = field(compare=False)
+    split: int
+    branches: tuple[str, ...]
+
+    @property
+    def structure_steps(self) -> range:
+        return range(0, self.split)
+
+    @property
+    def texture_steps(self) -> range:
+        return range(self.split, len(self.timesteps))
+
+
+@dataclass
+class Conditioning:
+    """One row's encoded guidance branches: cross-attention context and label-embedding input per branch."""
+
+    branches: tuple[str, ...]
+    context: np.ndarray  # (branches, tokens, context_dim) float32
+    y: np.ndarray  # (branches, adm_in_channels) float32
+
+
+@dataclass
+class Handoff:
+    """One row's sampling state after `step` steps: what the texture stage continues from."""
+
+    latent: np.ndarray  # (C, h, w) float32, sigma-space latent
+    step: int
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class PanGuDraw:
+    """A loaded PanGu-Draw model (all of its components, or the ones one pipeline stage needs)."""
+
+    def __init__(self, config: ModelConfig, *, split_rule: SplitRule | str = SplitRule.REFERENCE,
+                 dtype: str = "float32", graph: bool = True, identity: dict | None = None):
+        self.config = config
+        self.split_rule = SplitRule(split_rule)
+        self.dtype_name = dtype
+        self.dtype = runtime.resolve_dtype(dtype)
+        self.graph = graph
+        self.schedule = Schedule(config.num_train_timesteps, config.beta_start, config.beta_end)
+        self.identity = identity or {"name": config.name, "hash": None}
+        self.tokenizers: dict[str, object] = {}
+        self.nets: dict[str, ms.nn.Cell] = {}
+        self._forward: dict[str, Callable] = {}
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def random(cls, config: ModelConfig, tokenizers: dict[str, object], *, seed: int = 0,
+               components: Iterable[str] = COMPONENTS, **kwargs) -> "PanGuDraw":
+        """A model with freshly initialised weights (deterministic for a seed); its images are noise until trained."""
+        model = cls(config, **kwargs)
+        model.identity = {"name": config.name, "hash": f"random-{seed}"}
+        ms.set_seed(seed)
+        model._build(set(components), tokenizers)
+        return model
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, components: Iterable[str] = COMPONENTS,
+             device: runtime.Device = "cpu", **kwargs) -> "PanGuDraw":
+        """Load a model directory (`model.json` + weights + tokenizer files); None = the shipped tiny model."""
+        from diffusion import checkpoints, tokenizers as tok
+
+        runtime.configure(device)
+        root = Path(path) if path is not None else default_model_dir()
+        manifest = read_model_manifest(root)
+        config = ModelConfig.model_validate(manifest["config"])
+        components = set(components)
+        _check_components(components)
+        model = cls(config, **kwargs)
+        model.identity = {"name": config.name, "hash": manifest.get("hash")}
+        toks = {}
+        if "text" in components:
+            for enc, sub in TOKENIZER_DIRS.items():
+                kind = getattr(config, enc).tokenizer
+                toks[enc] = tok.load_tokenizer(kind, root / manifest.get("tokenizers", {}).get(enc, sub))
+        model._build(components, toks)
+        files = manifest.get("files", WEIGHT_FILES)
+        for name, net in model.nets.items():
+            entry = files.get(name)
+            if entry is None:
+                raise UserError(f"{root / 'model.json'}: 'files' has no entry for component {name!r}")
+            checkpoints.load_weights(net, root / entry)
+        return model
+
+    def _build(self, components: set[str], tokenizers: dict[str, object]) -> None:
+        from diffusion.nets.text_encoders import build_text_encoder
+        from diffusion.nets.unet import UNet
+        from diffusion.nets.vae import AutoencoderKL
+
+        cfg = self.config
+        if "text" in components:
+            for enc in ("text_encoder_1", "text_encoder_2"):
+                enc_cfg = getattr(cfg, enc)
+                tok = tokenizers[enc]
+                if tok.vocab_size > enc_cfg.vocab_size:
+                    raise UserError(
+                        f"{enc}: tokenizer has {tok.vocab_size} tokens but the encoder's table has {enc_cfg.vocab_size} rows"
+                    )
+                self.tokenizers[enc] = tok
+                self.nets[enc] = build_text_encoder(enc_cfg, dtype=self.dtype)
+        if "structure" in components:
+            self.nets["structure_unet"] = UNet(cfg.structure_unet, dtype=self.dtype)
+        if "texture" in components:
+            if cfg.monolithic and "structure_unet" in self.nets:
+                self.nets["texture_unet"] = self.nets["structure_unet"]
+            else:
+                self.nets["texture_unet"] = UNet(cfg.texture_unet, dtype=self.dtype)
+        if "vae" in components:
+            self.nets["vae"] = AutoencoderKL(cfg.vae, dtype=self.dtype)
+        for net in self.nets.values():
+            net.set_train(False)
+        self._forward.clear()
+
+    def save(self, path: str | Path, *, description: str = "") -> Path:
+        """Write our model directory format: model.json, one safetensors file per component, tokenizer files."""
+        from diffusion import checkpoints
+
+        missing = {"structure_unet", "texture_unet", "vae", "text_encoder_1", "text_encoder_2"} - set(self.nets)
+        if missing:
+            raise ValueError(f"cannot save a partial model; missing {sorted(missing)}")
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        files = dict(WEIGHT_FILES)
+        if self.config.monolithic:
+            files["structure_unet"] = files["texture_unet"] = "unet.safetensors"
+        hashes = {}
+        for name, fname in files.items():
+            if fname not in hashes:
+                checkpoints.save_weights(self.nets[name], root / fname)
+                hashes[fname] = checkpoints.weights_hash(root / fname)
+        for enc, sub in TOKENIZER_DIRS.items():
+            self.tokenizers[enc].save(root / sub)
+        digest = hashlib.sha256(json.dumps(sorted(hashes.items())).encode()).hexdigest()[:16]
+        manifest = {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "description": description,
+            "config": json.loads(self.config.model_dump_json()),
+            "files": files,
+            "file_hashes": hashes,
+            "tokenizers": dict(TOKENIZER_DIRS),
+            "hash": digest,
+        }
+        (root / "model.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        self.identity = {"name": self.config.name, "hash": digest}
+        return root
+
+    # ------------------------------------------------------------------ planning
+
+    def plan(self, request: GenerationRequest) -> Plan:
+        """Size, bucket, timesteps and split for a request; raises ValueError for parameters the model cannot use."""
+        size = buckets.choose_size(self.config.bucket_scales, request.width, request.height, request.aspect)
+        f = self.config.vae.downsample_factor
+        if size.width % self.config.latent_factor or size.height % self.config.latent_factor:
+            raise ValueError(
+                f"{size.width}x{size.height} is not a multiple of {self.config.latent_factor} pixels, which this model needs"
+            )
+        samplers.get_sampler(request.sampler)
+        timesteps = self.schedule.timesteps(request.steps)
+        split = split_index(timesteps, self.config.switch_timestep, self.split_rule)
+        latent_shape = (self.config.vae.embed_dim, size.height // f, size.width // f)
+        return Plan(size, latent_shape, timesteps, split, guidance.active_branches(request.style_scales()))
+
+    @staticmethod
+    def shape_key(plan: Plan, request: GenerationRequest) -> tuple:
+        """Rows with equal keys can share a sampling batch (and a compiled graph when branch counts match too)."""
+        return (plan.size.width, plan.size.height, request.steps, request.sampler)
+
+    # ------------------------------------------------------------------ stages
+
+    def encode(self, requests: Sequence[GenerationRequest]) -> list[Conditioning]:
+        """Both text encoders for every active branch of every row; identical texts are encoded once."""
+        self._need("text_encoder_1", "text_encoder_2")
+        plans = [self.plan(r) for r in requests]
+        texts: dict[str, int] = {}
+        per_row: list[list[int]] = []
+        for req, plan in zip(requests, plans):
+            idx = []
+            for branch in plan.branches:
+                text = guidance.branch_prompt(branch, req.prompt, req.negative_prompt)
+                idx.append(texts.setdefault(text, len(texts)))
+            per_row.append(idx)
+        context, pooled = self._encode_texts(list(texts))
+        out = []
+        for plan, idx in zip(plans, per_row):
+            bucket_vec = buckets.bucket_embedding(plan.size.bucket, self.config.bucket_embed_dim)
+            y = np.concatenate([pooled[idx], np.broadcast_to(bucket_vec, (len(idx), bucket_vec.size))], axis=1)
+            out.append(Conditioning(plan.branches, context[idx], y.astype(np.float32)))
+        return out
+
+    def _encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        # Pad the text batch to a power of two so a handful of compiled shapes serve every batch.
+        n = len(texts)
+        padded = texts + [""] * ((1 << max(n - 1, 0).bit_length()) - n)
+        ids1 = self.tokenizers["text_encoder_1"](padded)
+        ids2 = self.tokenizers["text_encoder_2"](padded)
+        hidden1 = self._fwd("text_encoder_1")(ids1)
+        hidden2, pooled = self._fwd("text_encoder_2")(ids2)
+        context = np.concatenate([hidden1, hidden2], axis=-1)[:n]
+        return context.astype(np.float32), pooled[:n].astype(np.float32)
+
+    def initial_latents(self, requests: Sequence[GenerationRequest]) -> np.ndarray:
+        plan = self.plan(requests[0])
+        return noise.initial_noise([r.seed for r in requests], plan.latent_shape) * np.float32(
+            np.sqrt(self.schedule.sigma_max**2 + 1.0)
+        )
+
+    def sample_structure(self, requests: Sequence[GenerationRequest], conds: Sequence[Conditioning]) -> list[Handoff]:
+        """Run the structure generator's steps from pure noise; returns each row's latent at the handoff."""
+        plan = self._batch_plan(requests)
+        x = self.initial_latents(requests)
+        state: dict[str, np.ndarray] = {}
+        x = self._run(requests, conds, plan, x, plan.structure_steps, state)
+        return [Handoff(x[i], plan.split, {k: v[i] for k, v in state.items()}) for i in range(len(requests))]
+
+    def sample_texture(self, requests: Sequence[GenerationRequest], conds: Sequence[Conditioning],
+                       handoffs: Sequence[Handoff]) -> np.ndarray:
+        """Continue from the handoff with the texture generator's steps; returns clean latents (B, C, h, w)."""
+        plan = self._batch_plan(requests)
+        if any(h.step != plan.split for h in handoffs):
+            raise ValueError(f"handoffs are not at step {plan.split}, where this model's texture steps begin")
+        x = np.stack([h.latent for h in handoffs])
+        state = {k: np.stack([h.state[k] for h in handoffs]) for k in handoffs[0].state}
+        return self._run(requests, conds, plan, x, plan.texture_steps, state)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Clean latents -> uint8 images (B, H, W, 3): decode z / scale, then clip((x + 1) / 2) with rounding."""
+        self._need("vae")
+        z = latents.astype(np.float32) / np.float32(self.config.vae.scale_factor)
+        x = self._fwd("vae_decode")(z)
+        img = np.clip((x + 1.0) / 2.0, 0.0, 1.0) * 255.0
+        return np.rint(img).astype(np.uint8).transpose(0, 2, 3, 1)
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (B, H, W, 3) -> scaled latents (the posterior mean), the inverse of `decode`."""
+        self._need("vae")
+        x = images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+        mean = self._fwd("vae_encode")(x)
+        return mean * np.float32(self.config.vae.scale_factor)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[np.ndarray]:
+        """All stages in one process, rows grouped by shape; returns one uint8 (H, W, 3) image per request."""
+        out: list[np.ndarray | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(self.shape_key(self.plan(req), req), []).append(i)
+        for idx in groups.values():
+            batch = [requests[i] for i in idx]
+            conds = self.encode(batch)
+            handoffs = self.sample_structure(batch, conds)
+            latents = self.sample_texture(batch, conds, handoffs)
+            for i, img in zip(idx, self.decode(latents)):
+                out[i] = img
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ internals
+
+    def _batch_plan(self, requests: Sequence[GenerationRequest]) -> Plan:
+        plans = [self.plan(r) for r in requests]
+        keys = {self.shape_key(p, r) for p, r in zip(plans, requests)}
+        if len(keys) != 1:
+            raise ValueError(f"a sampling batch needs one size, step count and sampler; got {sorted(keys)}")
+        return plans[0]
+
+    def _run(self, requests, conds, plan: Plan, x: np.ndarray, steps: range, state: dict) -> np.ndarray:
+        if len(steps) == 0:
+            return x
+        sigmas = self.schedule.sampling_sigmas(plan.timesteps)
+        branch_counts = [len(c.branches) for c in conds]
+        pair_row = np.repeat(np.arange(len(conds)), branch_counts)
+        context = np.concatenate([c.context for c in conds])
+        y = np.concatenate([c.y for c in conds])
+        offsets = np.concatenate([[0], np.cumsum(branch_counts)])
+
+        def denoise(x_cur: np.ndarray, i: int) -> np.ndarray:
+            which = "structure_unet" if i < plan.split else "texture_unet"
+            sigma = np.float32(sigmas[i])
+            x_in = x_cur[pair_row] / np.sqrt(sigma * sigma + np.float32(1.0))
+            t = np.full(len(pair_row), plan.timesteps[i], dtype=np.int32)
+            eps_pairs = self._fwd(which)(x_in.astype(np.float32), t, context, y)
+            eps = np.stack([
+                guidance.combine(eps_pairs[offsets[r]:offsets[r + 1]], conds[r].branches,
+                                 requests[r].guidance_scale, requests[r].style_scales())
+                for r in range(len(conds))
+            ])
+            return (x_cur - sigma * eps).astype(np.float32)
+
+        sampler = samplers.get_sampler(requests[0].sampler)
+        step_noise = noise.StepNoise([r.seed for r in requests], plan.latent_shape)
+        return sampler(denoise, x, sigmas, steps, state, step_noise)
+
+    def _need(self, *names: str) -> None:
+        missing = [n for n in names if n not in self.nets]
+        if missing:
+            raise RuntimeError(f"this model instance was loaded without {missing}")
+
+    def _fwd(self, name: str) -> Callable:
+        """The compiled forward of a component (built on first use, then reused for every batch)."""
+        fn = self._forward.get(name)
+        if fn is None:
+            if name == "vae_decode":
+                self._need("vae")
+                target = self.nets["vae"].decode
+            elif name == "vae_encode":
+                self._need("vae")
+                target = _MeanEncoder(self.nets["vae"]).construct
+            else:
+                self._need(name)
+                target = self.nets[name].construct
+            fn = self._forward[name] = runtime.CompiledForward(target, self.dtype, self.graph)
+        return fn
+
+
+class _MeanEncoder(ms.nn.Cell):
+    """The VAE encoder's posterior mean as a Cell, so it compiles as one graph."""
+
+    def __init__(self, vae: ms.nn.Cell):
+        super().__init__()
+        self.vae = vae
+
+    def construct(self, x):
+        mean, _ = self.vae.encode(x)
+        return mean
+
+
+def _check_components(components: set[str]) -> None:
+    unknown = components - COMPONENTS
+    if unknown:
+        raise ValueError(f"unknown components {sorted(unknown)}; expected a subset of {sorted(COMPONENTS)}")
+
+
+def default_model_dir() -> Path:
+    """The shipped tiny model (inside the package, so it travels with an install)."""
+    return Path(__file__).resolve().parent / "shipped" / "pangu-draw-tiny"
+
+
+def read_model_manifest(root: Path) -> dict:
+    """Read and check `model.json`; every problem names the file and what was expected."""
+    path = root / "model.json"
+    if not root.is_dir():
+        raise UserError(f"model directory {root} does not exist")
+    if not path.is_file():
+        raise UserError(f"{path} is missing: a model directory holds model.json, weights and tokenizer files")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    if manifest.get("format") != MODEL_FORMAT:
+        raise UserError(f"{path}: 'format' is {manifest.get('format')!r}, expected {MODEL_FORMAT!r}")
+    if manifest.get("format_version") != MODEL_FORMAT_VERSION:
+        raise UserError(
+            f"{path}: 'format_version' is {manifest.get('format_version')!r}, this version reads {MODEL_FORMAT_VERSION}"
+        )
+    if "config" not in manifest:
+        raise UserError(f"{path}: no 'config' section")
+    try:
+        ModelConfig.model_validate(manifest["config"])
+    except Exception as exc:  # pydantic's message names the field
+        raise UserError(f"{path}: 'config' is invalid: {exc}") from None
+    return manifest
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}") from None
