@@ -1,0 +1,117 @@
+"""Building blocks shared by the PanGu-Draw networks: sinusoid embeddings, fp32 norms, softmax attention.
+
+Every block takes a `dtype` for its parameters. Norms and the attention softmax always compute in float32
+and hand back the input's dtype, so a float16/bfloat16 network keeps the statistics of the float32 one.
+Only `mindspore.nn` / `mindspore.ops` are used, so the blocks run on CPU and Ascend alike.
+"""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import initializer
+
+
+def timestep_embedding_np(values: np.ndarray, dim: int, max_period: float = 10000.0) -> np.ndarray:
+    """Sinusoid embedding `[cos(v * f_k), sin(v * f_k)]`, f_k = max_period^(-k / (dim/2)); float32, shape (N, dim)."""
+    half = dim // 2
+    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float32) / half)
+    args = np.asarray(values, dtype=np.float32).reshape(-1, 1) * freqs[None, :]
+    emb = np.concatenate([np.cos(args), np.sin(args)], axis=-1)
+    if dim % 2:
+        emb = np.concatenate([emb, np.zeros_like(emb[:, :1])], axis=-1)
+    return emb.astype(np.float32)
+
+
+def timestep_embedding(timesteps: ms.Tensor, dim: int, max_period: float = 10000.0) -> ms.Tensor:
+    """The same sinusoid as `timestep_embedding_np`, as MindSpore ops (cos first, float32), for use inside graphs."""
+    half = dim // 2
+    freqs = ms.Tensor(np.exp(-math.log(max_period) * np.arange(half, dtype=np.float32) / half))
+    args = ops.expand_dims(timesteps.astype(ms.float32), 1) * ops.expand_dims(freqs, 0)
+    emb = ops.concat((ops.cos(args), ops.sin(args)), axis=-1)
+    if dim % 2:
+        emb = ops.concat((emb, ops.zeros_like(emb[:, :1])), axis=-1)
+    return emb
+
+
+class GroupNorm32(nn.Cell):
+    """GroupNorm over (B, C, ...) computed in float32; parameters `gamma`/`beta` in the net's dtype."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, dtype=ms.float32):
+        super().__init__()
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels not divisible into {num_groups} groups")
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.gamma = Parameter(initializer("ones", (num_channels,), dtype), name="gamma")
+        self.beta = Parameter(initializer("zeros", (num_channels,), dtype), name="beta")
+
+    def construct(self, x):
+        in_dtype = x.dtype
+        y = ops.group_norm(x.astype(ms.float32), self.num_groups, self.gamma.astype(ms.float32),
+                           self.beta.astype(ms.float32), self.eps)
+        return y.astype(in_dtype)
+
+    def extend_repr(self):
+        return f"num_groups={self.num_groups}, num_channels={self.num_channels}, eps={self.eps}"
+
+
+class LayerNorm32(nn.Cell):
+    """LayerNorm over the last axis computed in float32; parameters `gamma`/`beta` in the net's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, dtype=ms.float32):
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.gamma = Parameter(initializer("ones", (dim,), dtype), name="gamma")
+        self.beta = Parameter(initializer("zeros", (dim,), dtype), name="beta")
+        self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x):
+        in_dtype = x.dtype
+        y, _, _ = self.layer_norm(x.astype(ms.float32), self.gamma.astype(ms.float32), self.beta.astype(ms.float32))
+        return y.astype(in_dtype)
+
+    def extend_repr(self):
+        return f"dim={self.dim}, eps={self.eps}"
+
+
+def multi_head_attention(q, k, v, heads: int):
+    """Softmax attention of q (B, N, H*D) over k, v (B, M, H*D); returns (B, N, H*D).
+
+    The 1/sqrt(D) scale is folded into q before the product, and the softmax runs in float32.
+    """
+    b, n, inner = q.shape
+    m = k.shape[1]
+    d = inner // heads
+    q = ops.transpose(ops.reshape(q * (d ** -0.5), (b, n, heads, d)), (0, 2, 1, 3))
+    k = ops.transpose(ops.reshape(k, (b, m, heads, d)), (0, 2, 1, 3))
+    v = ops.transpose(ops.reshape(v, (b, m, heads, d)), (0, 2, 1, 3))
+    scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2)))
+    probs = ops.softmax(scores.astype(ms.float32), axis=-1).astype(v.dtype)
+    out = ops.matmul(probs, v)
+    return ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, n, inner))
+
+
+class Attention(nn.Cell):
+    """Multi-head attention with `to_q`/`to_k`/`to_v` (no bias) and `to_out.0`; self-attention when no context."""
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None,
+                 dtype=ms.float32):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.to_q = nn.Dense(query_dim, inner, has_bias=False, dtype=dtype)
+        self.to_k = nn.Dense(context_dim, inner, has_bias=False, dtype=dtype)
+        self.to_v = nn.Dense(context_dim, inner, has_bias=False, dtype=dtype)
+        self.to_out = nn.SequentialCell([nn.Dense(inner, query_dim, dtype=dtype)])
+
+    def construct(self, x, context=None):
+        if context is None:
+            context = x
+        out = multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out(out)
