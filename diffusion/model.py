@@ -143,6 +143,8 @@ class PanGuDraw:
         _check_components(components)
         model = cls(config, **kwargs)
         model.identity = {"name": config.name, "hash": manifest.get("hash")}
+        if manifest.get("trained") is False:
+            log.warning("model %s at %s is untrained: its images are noise", config.name, root)
         toks = {}
         if "text" in components:
             for enc, sub in TOKENIZER_DIRS.items():
@@ -155,6 +157,40 @@ class PanGuDraw:
             if entry is None:
                 raise UserError(f"{root / 'model.json'}: 'files' has no entry for component {name!r}")
             checkpoints.load_weights(net, root / entry)
+        return model
+
+    @classmethod
+    def from_released(cls, texture_ckpt: str | Path, structure_ckpt: str | Path, tokenizer_dirs: dict[str, str | Path],
+                      *, config: ModelConfig | None = None, components: Iterable[str] = COMPONENTS,
+                      device: runtime.Device = "cpu", **kwargs) -> "PanGuDraw":
+        """Load the released PanGu-Draw v3 MindSpore checkpoints (SPEC section 6).
+
+        The texture file gives the texture UNet, both text encoders and the VAE; of the structure file only the UNet
+        is read. `tokenizer_dirs` maps text_encoder_1 / text_encoder_2 to directories with the released vocab files.
+        """
+        from diffusion import checkpoints, tokenizers as tok
+
+        runtime.configure(device)
+        config = config or PRESETS["pangu-draw-v3"]
+        components = set(components)
+        _check_components(components)
+        model = cls(config, **kwargs)
+        toks = {}
+        if "text" in components:
+            toks = {enc: tok.load_tokenizer(getattr(config, enc).tokenizer, Path(tokenizer_dirs[enc])) for enc in TOKENIZER_DIRS}
+        model._build(components, toks)
+        wanted = {"text": ("text_encoder_1", "text_encoder_2"), "texture": ("unet",), "vae": ("vae",)}
+        texture_parts = [c for comp in components for c in wanted.get(comp, ())]
+        if texture_parts:
+            states = checkpoints.read_released(texture_ckpt, texture_parts)
+            for part, state in states.items():
+                target = "texture_unet" if part == "unet" else part
+                checkpoints.load_state(model.nets[target], state, source=str(texture_ckpt))
+        if "structure" in components:
+            state = checkpoints.read_released(structure_ckpt, ["unet"])["unet"]
+            checkpoints.load_state(model.nets["structure_unet"], state, source=str(structure_ckpt))
+        model.identity = {"name": config.name, "hash": "released-" + hashlib.sha256(
+            f"{Path(texture_ckpt).name}|{Path(structure_ckpt).name}".encode()).hexdigest()[:12]}
         return model
 
     def _build(self, components: set[str], tokenizers: dict[str, object]) -> None:
@@ -186,8 +222,14 @@ class PanGuDraw:
             net.set_train(False)
         self._forward.clear()
 
-    def save(self, path: str | Path, *, description: str = "") -> Path:
-        """Write our model directory format: model.json, one safetensors file per component, tokenizer files."""
+    def save(self, path: str | Path, *, description: str = "", trained: bool | None = None) -> Path:
+        """Write our model directory format: model.json, one safetensors file per component, tokenizer files.
+
+        `trained` is recorded so that loading an untrained (random) model warns that its images are noise; by default
+        a model made by `random()` is untrained.
+        """
+        if trained is None:
+            trained = not str(self.identity.get("hash") or "").startswith("random-")
         from diffusion import checkpoints
 
         missing = {"structure_unet", "texture_unet", "vae", "text_encoder_1", "text_encoder_2"} - set(self.nets)
@@ -210,6 +252,7 @@ class PanGuDraw:
             "format": MODEL_FORMAT,
             "format_version": MODEL_FORMAT_VERSION,
             "description": description,
+            "trained": trained,
             "config": json.loads(self.config.model_dump_json()),
             "files": files,
             "file_hashes": hashes,
@@ -298,6 +341,12 @@ class PanGuDraw:
         state = {k: np.stack([h.state[k] for h in handoffs]) for k in handoffs[0].state}
         return self._run(requests, conds, plan, x, plan.texture_steps, state)
 
+    def sample(self, requests: Sequence[GenerationRequest], conds: Sequence[Conditioning]) -> np.ndarray:
+        """Every step in one call (the UNet is picked per step); equal to sample_structure then sample_texture."""
+        plan = self._batch_plan(requests)
+        x = self.initial_latents(requests)
+        return self._run(requests, conds, plan, x, range(len(plan.timesteps)), {})
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Clean latents -> uint8 images (B, H, W, 3): decode z / scale, then clip((x + 1) / 2) with rounding."""
         self._need("vae")
@@ -321,9 +370,7 @@ class PanGuDraw:
             groups.setdefault(self.shape_key(self.plan(req), req), []).append(i)
         for idx in groups.values():
             batch = [requests[i] for i in idx]
-            conds = self.encode(batch)
-            handoffs = self.sample_structure(batch, conds)
-            latents = self.sample_texture(batch, conds, handoffs)
+            latents = self.sample(batch, self.encode(batch))
             for i, img in zip(idx, self.decode(latents)):
                 out[i] = img
         return out  # type: ignore[return-value]
