@@ -1,0 +1,61 @@
+"""Shared fixtures. S3 tests talk to moto's S3 server over real HTTP on 127.0.0.1."""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import pytest
+
+# Fake credentials: tests assert that these strings never leak into reprs, logs or messages.
+FAKE_ACCESS_KEY_ID = "AKIAFAKETESTKEY12345"
+FAKE_SECRET_ACCESS_KEY = "fake-secret-0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A running S3 endpoint and the environment that points boto3 and pyarrow at it."""
+
+    endpoint_url: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        yield S3Server(endpoint_url=endpoint, env={
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY_ID,
+            "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_ACCESS_KEY,
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        })
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path):
+    """The S3 server's environment, set for this test only; user AWS config files are hidden."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3_env):
+    """A fresh, empty bucket on the S3 server (env set as in `s3_env`); yields its name."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=s3_env.endpoint_url).create_bucket(Bucket=name)
+    yield name
