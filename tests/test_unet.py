@@ -1,0 +1,186 @@
+"""The UNet: released naming at full size (without allocating it), shapes, graph mode, batching, shared layers."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore.nn.utils import no_init_parameters
+
+from diffusion.config import BENCH_SMALL_UNET, PANGU_DRAW_V3, tiny_config
+from diffusion.nets import layers
+from diffusion.nets.unet import UNet, count_parameters
+
+# The shared reference folder sits beside the repository checkout.
+REFERENCE_KEYS = Path(__file__).resolve().parents[2] / "shared/reference/sdxl_base_mindspore_keys.txt"
+PREFIX = "model.diffusion_model."
+TINY = tiny_config().structure_unet
+
+
+def randomize(cell, seed: int) -> None:
+    """Seeded random weights (norm scales near 1) so outputs depend on every parameter."""
+    rng = np.random.default_rng(seed)
+    for name, p in cell.parameters_and_names():
+        shape = tuple(p.shape)
+        if name.endswith("gamma"):
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif len(shape) > 1:
+            value = rng.standard_normal(shape) / math.sqrt(int(np.prod(shape[1:])))
+        else:
+            value = 0.1 * rng.standard_normal(shape)
+        p.set_data(ms.Tensor(value.astype(np.float32)).astype(p.dtype))
+
+
+def tiny_inputs(batch: int, seed: int = 0, side: int = 16):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, TINY.in_channels, side, side)).astype(np.float32)
+    t = rng.integers(0, 1000, size=batch).astype(np.int32)
+    context = rng.standard_normal((batch, 77, TINY.context_dim)).astype(np.float32)
+    y = rng.standard_normal((batch, TINY.adm_in_channels)).astype(np.float32)
+    return x, t, context, y
+
+
+def run(fn, x, t, context, y) -> np.ndarray:
+    return fn(ms.Tensor(x), ms.Tensor(t), ms.Tensor(context), ms.Tensor(y)).asnumpy()
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    net = UNet(TINY)
+    net.set_train(False)
+    randomize(net, seed=1)
+    return net
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.skipif(not REFERENCE_KEYS.exists(), reason=f"reference key list not found at {REFERENCE_KEYS}")
+def test_full_size_names_and_shapes_match_the_release_without_allocating_weights():
+    reference = {}
+    for line in REFERENCE_KEYS.read_text().splitlines():
+        name, shape = line.split(":", 1)
+        if name.startswith(PREFIX):
+            reference[name[len(PREFIX):]] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    # PanGu-Draw v3's label embedding reads pooled text 1280 + bucket sinusoid 256 (SDXL: 2816).
+    reference["label_emb.0.0.weight"] = (1280, 1536)
+
+    before = _rss_bytes()
+    with no_init_parameters():
+        net = UNet(PANGU_DRAW_V3.structure_unet)
+    grown = _rss_bytes() - before
+
+    ours = {name: tuple(p.shape) for name, p in net.parameters_and_names()}
+    assert len(reference) == 1680
+    assert set(ours) == set(reference)
+    assert {n: s for n, s in ours.items() if reference[n] != s} == {}
+    assert count_parameters(net) == 2_565_825_284
+    # The fp32 weights would take 10.3 GB; lazily initialised parameters hold no data.
+    assert all(p.has_init for p in net.get_parameters())
+    assert grown < 1 << 30, f"building the full-size UNet grew RSS by {grown / 2**20:.0f} MiB"
+
+
+def test_bench_small_has_the_documented_size():
+    with no_init_parameters():
+        net = UNet(BENCH_SMALL_UNET)
+    assert count_parameters(net) == 32_803_972
+
+
+def test_output_shape_dtype_and_integer_or_float_timesteps(tiny_unet):
+    x, t, context, y = tiny_inputs(2, side=24)
+    eps_int = run(tiny_unet, x, t, context, y)
+    eps_float = run(tiny_unet, x, t.astype(np.float32), context, y)
+    assert eps_int.shape == (2, TINY.out_channels, 24, 24)
+    assert eps_int.dtype == np.float32
+    assert np.isfinite(eps_int).all() and eps_int.std() > 0.05
+    np.testing.assert_allclose(eps_int, eps_float, rtol=0, atol=1e-6)
+    # Every conditioning input matters.
+    for changed in ((x, t + 1, context, y), (x, t, context + 0.5, y), (x, t, context, y + 0.5)):
+        assert np.abs(run(tiny_unet, *changed) - eps_int).max() > 1e-4
+
+
+def test_graph_mode_equals_eager(tiny_unet):
+    x, t, context, y = tiny_inputs(2, seed=3)
+    eager = run(tiny_unet, x, t, context, y)
+    graph = run(ms.jit(tiny_unet.construct), x, t, context, y)
+    np.testing.assert_allclose(graph, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_equals_its_rows_one_by_one(tiny_unet):
+    x, t, context, y = tiny_inputs(3, seed=4)
+    batch = run(tiny_unet, x, t, context, y)
+    for i in range(3):
+        row = run(tiny_unet, x[i:i + 1], t[i:i + 1], context[i:i + 1], y[i:i + 1])
+        np.testing.assert_allclose(row[0], batch[i], rtol=1e-5, atol=1e-5)
+
+
+def test_float16_net_tracks_the_float32_net(tiny_unet):
+    half = UNet(TINY, dtype=ms.float16)
+    half.set_train(False)
+    params = dict(half.parameters_and_names())
+    assert {p.dtype for p in params.values()} == {ms.float16}
+    for name, p in tiny_unet.parameters_and_names():
+        params[name].set_data(ms.Tensor(p.asnumpy().astype(np.float16)))
+    x, t, context, y = tiny_inputs(1, seed=5)
+    full = run(tiny_unet, x, t, context, y)
+    low = run(half, x, t, context, y)
+    assert low.dtype == np.float32
+    assert np.abs(low - full).max() < 0.05 * np.abs(full).max()
+
+
+def test_timestep_embedding_is_cos_then_sin():
+    t = np.array([0.0, 1.0, 999.0], np.float32)
+    emb = layers.timestep_embedding(ms.Tensor(t), 8).asnumpy()
+    freqs = np.exp(-math.log(10000.0) * np.arange(4) / 4)
+    expected = np.concatenate([np.cos(t[:, None] * freqs), np.sin(t[:, None] * freqs)], axis=1)
+    np.testing.assert_allclose(emb, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layers.timestep_embedding_np(t, 8), expected, rtol=1e-5, atol=1e-5)
+    assert emb[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+
+
+def test_attention_matches_a_numpy_softmax_attention():
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 7, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 7, 8)).astype(np.float32)
+    out = layers.multi_head_attention(ms.Tensor(q), ms.Tensor(k), ms.Tensor(v), heads=2).asnumpy()
+    expected = np.empty_like(q)
+    for h in range(2):
+        sl = slice(4 * h, 4 * h + 4)
+        scores = q[:, :, sl] @ k[:, :, sl].transpose(0, 2, 1) / 2.0
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        expected[:, :, sl] = probs @ v[:, :, sl]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_computes_in_float32_for_a_float16_input():
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((2, 8, 4, 4)) * 300 + 1000).astype(np.float16)
+    norm = layers.GroupNorm32(4, 8, eps=1e-5, dtype=ms.float16)
+    out = norm(ms.Tensor(x))
+    assert out.dtype == ms.float16
+    g = x.astype(np.float64).reshape(2, 4, -1)
+    expected = ((g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + 1e-5)).reshape(x.shape)
+    np.testing.assert_allclose(out.asnumpy().astype(np.float64), expected, atol=5e-3)
+
+
+def test_upsample_and_downsample_halve_and_double_the_size():
+    from diffusion.nets.unet import Downsample, Upsample
+
+    x = ms.Tensor(np.arange(2 * 4 * 4, dtype=np.float32).reshape(1, 2, 4, 4))
+    up = Upsample(2)
+    w = np.zeros((2, 2, 3, 3), np.float32)
+    w[0, 0, 1, 1] = w[1, 1, 1, 1] = 1.0  # identity kernel: exposes the nearest-neighbour copy
+    up.conv.weight.set_data(ms.Tensor(w))
+    up.conv.bias.set_data(ms.Tensor(np.zeros(2, np.float32)))
+    doubled = up(x).asnumpy()
+    assert doubled.shape == (1, 2, 8, 8)
+    np.testing.assert_array_equal(doubled, np.repeat(np.repeat(x.asnumpy(), 2, axis=2), 2, axis=3))
+    assert Downsample(2)(x).shape == (1, 2, 2, 2)
