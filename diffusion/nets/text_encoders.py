@@ -19,26 +19,14 @@ from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import Constant, Normal, Uniform, initializer
 
 from diffusion.config import TextEncoderConfig
+from diffusion.nets.layers import LayerNorm32
 
 # Both CLIP implementations use LayerNorm eps 1e-5.
 _LN_EPS = 1e-5
 
 
-class _LayerNorm(nn.Cell):
-    """LayerNorm over the last axis, computed in float32, returned in the input's dtype."""
-
-    def __init__(self, width: int, dtype: ms.Type):
-        super().__init__()
-        self.gamma = Parameter(initializer("ones", (width,), dtype))
-        self.beta = Parameter(initializer("zeros", (width,), dtype))
-
-    def construct(self, x):
-        x32 = x.astype(ms.float32)
-        mean = x32.mean(axis=-1, keep_dims=True)
-        centred = x32 - mean
-        var = (centred * centred).mean(axis=-1, keep_dims=True)
-        y = centred * ops.rsqrt(var + _LN_EPS) * self.gamma.astype(ms.float32) + self.beta.astype(ms.float32)
-        return y.astype(x.dtype)
+def _layer_norm(width: int, dtype: ms.Type) -> LayerNorm32:
+    return LayerNorm32(width, eps=_LN_EPS, dtype=dtype)
 
 
 class _Embedding(nn.Cell):
@@ -120,9 +108,9 @@ class _CLIPEncoderLayer(nn.Cell):
     def __init__(self, cfg: TextEncoderConfig, dtype: ms.Type):
         super().__init__()
         self.self_attn = _CLIPAttention(cfg.width, cfg.heads, dtype)
-        self.layer_norm1 = _LayerNorm(cfg.width, dtype)
+        self.layer_norm1 = _layer_norm(cfg.width, dtype)
         self.mlp = _CLIPMLP(cfg.width, cfg.act, dtype)
-        self.layer_norm2 = _LayerNorm(cfg.width, dtype)
+        self.layer_norm2 = _layer_norm(cfg.width, dtype)
 
     def construct(self, x, mask):
         x = x + self.self_attn(self.layer_norm1(x), mask)
@@ -151,7 +139,7 @@ class _CLIPTextTransformer(nn.Cell):
         super().__init__()
         self.embeddings = _CLIPEmbeddings(cfg, dtype)
         self.encoder = _CLIPEncoder(cfg, dtype)
-        self.final_layer_norm = _LayerNorm(cfg.width, dtype)
+        self.final_layer_norm = _layer_norm(cfg.width, dtype)
 
 
 class _CLIPTextModel(nn.Cell):
@@ -233,9 +221,9 @@ class _OpenCLIPMLP(nn.Cell):
 class _ResidualAttentionBlock(nn.Cell):
     def __init__(self, cfg: TextEncoderConfig, dtype: ms.Type):
         super().__init__()
-        self.ln_1 = _LayerNorm(cfg.width, dtype)
+        self.ln_1 = _layer_norm(cfg.width, dtype)
         self.attn = _PackedSelfAttention(cfg.width, cfg.heads, dtype)
-        self.ln_2 = _LayerNorm(cfg.width, dtype)
+        self.ln_2 = _layer_norm(cfg.width, dtype)
         self.mlp = _OpenCLIPMLP(cfg.width, cfg.act, dtype)
 
     def construct(self, x, mask):
@@ -257,7 +245,7 @@ class _OpenCLIPTextModel(nn.Cell):
         self.token_embedding = _Embedding(cfg.vocab_size, cfg.width, dtype, std=0.02)
         self.positional_embedding = Parameter(initializer(Normal(0.01), (cfg.context_length, cfg.width), dtype))
         self.transformer = _OpenCLIPTransformer(cfg, dtype)
-        self.ln_final = _LayerNorm(cfg.width, dtype)
+        self.ln_final = _layer_norm(cfg.width, dtype)
         self.text_projection = Parameter(
             initializer(Normal(cfg.width ** -0.5), (cfg.width, cfg.projection_dim), dtype))
         self.logit_scale = Parameter(initializer(Constant(math.log(1 / 0.07)), (), dtype))

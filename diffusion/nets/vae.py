@@ -8,10 +8,10 @@ in float16 otherwise.
 from __future__ import annotations
 
 import mindspore as ms
-from mindspore import Parameter, nn, ops
-from mindspore.common.initializer import initializer
+from mindspore import nn, ops
 
 from diffusion.config import VAEConfig
+from diffusion.nets.layers import GroupNorm32
 
 # LDM's `Normalize`: GroupNorm with eps 1e-6.
 _NORM_EPS = 1e-6
@@ -19,26 +19,8 @@ _NORM_EPS = 1e-6
 _LOGVAR_MIN, _LOGVAR_MAX = -30.0, 20.0
 
 
-class _GroupNorm(nn.Cell):
-    """GroupNorm over (B, C, H, W), computed in float32, returned in the input's dtype."""
-
-    def __init__(self, groups: int, channels: int, dtype: ms.Type):
-        super().__init__()
-        if channels % groups:
-            raise ValueError(f"{channels} channels are not divisible into {groups} groups")
-        self.groups = groups
-        self.gamma = Parameter(initializer("ones", (channels,), dtype))
-        self.beta = Parameter(initializer("zeros", (channels,), dtype))
-
-    def construct(self, x):
-        b, c, h, w = x.shape
-        x32 = x.astype(ms.float32).reshape(b, self.groups, -1)
-        mean = x32.mean(axis=-1, keep_dims=True)
-        centred = x32 - mean
-        var = (centred * centred).mean(axis=-1, keep_dims=True)
-        y = (centred * ops.rsqrt(var + _NORM_EPS)).reshape(b, c, h, w)
-        y = y * self.gamma.astype(ms.float32).reshape(1, c, 1, 1) + self.beta.astype(ms.float32).reshape(1, c, 1, 1)
-        return y.astype(x.dtype)
+def _norm(channels: int, groups: int, dtype: ms.Type) -> GroupNorm32:
+    return GroupNorm32(groups, channels, eps=_NORM_EPS, dtype=dtype)
 
 
 def _conv(cin: int, cout: int, kernel: int, dtype: ms.Type, stride: int = 1, pad: int | None = None) -> nn.Conv2d:
@@ -52,9 +34,9 @@ class _ResnetBlock(nn.Cell):
 
     def __init__(self, cin: int, cout: int, groups: int, dtype: ms.Type):
         super().__init__()
-        self.norm1 = _GroupNorm(groups, cin, dtype)
+        self.norm1 = _norm(cin, groups, dtype)
         self.conv1 = _conv(cin, cout, 3, dtype)
-        self.norm2 = _GroupNorm(groups, cout, dtype)
+        self.norm2 = _norm(cout, groups, dtype)
         self.conv2 = _conv(cout, cout, 3, dtype)
         self.has_shortcut = cin != cout
         if self.has_shortcut:
@@ -73,7 +55,7 @@ class _SpatialSelfAttention(nn.Cell):
 
     def __init__(self, channels: int, groups: int, dtype: ms.Type):
         super().__init__()
-        self.norm = _GroupNorm(groups, channels, dtype)
+        self.norm = _norm(channels, groups, dtype)
         self.q = _conv(channels, channels, 1, dtype)
         self.k = _conv(channels, channels, 1, dtype)
         self.v = _conv(channels, channels, 1, dtype)
@@ -189,7 +171,7 @@ class Encoder(nn.Cell):
             levels.append(_DownLevel(blocks, None if last else _Downsample(cout, dtype)))
         self.down = nn.CellList(levels)
         self.mid = _Mid(cin, g, cfg.mid_attention, dtype)
-        self.norm_out = _GroupNorm(g, cin, dtype)
+        self.norm_out = _norm(cin, g, dtype)
         self.conv_out = _conv(cin, 2 * cfg.z_channels, 3, dtype)
 
     def construct(self, x):
@@ -218,7 +200,7 @@ class Decoder(nn.Cell):
                 cin = cout
             levels[i] = _UpLevel(blocks, _Upsample(cout, dtype) if i != 0 else None)
         self.up = nn.CellList(levels)
-        self.norm_out = _GroupNorm(g, cin, dtype)
+        self.norm_out = _norm(cin, g, dtype)
         self.conv_out = _conv(cin, cfg.out_channels, 3, dtype)
         self.num_levels = len(cfg.ch_mult)
 
