@@ -134,7 +134,10 @@ class WordPieceTokenizer(_PaddedTokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids, without specials and padding (CJK characters come back space-separated)."""
-        keep = [int(i) for i in ids if int(i) not in self._specials]
+        ids = [int(i) for i in ids]
+        if self.end_id in ids:
+            ids = ids[: ids.index(self.end_id)]  # the rest is padding
+        keep = [i for i in ids if i not in self._specials]
         return self._tok.decode(keep, skip_special_tokens=False)
 
 
@@ -188,8 +191,7 @@ def byte_alphabet() -> tuple[str, ...]:
 
 def _clip_vocab_order() -> list[str]:
     """CLIP's id order of the byte alphabet: printable bytes first, then the shifted ones (as in vocab.json)."""
-    alphabet = byte_alphabet()
-    return sorted(alphabet, key=ord)
+    return sorted(byte_alphabet(), key=ord)
 
 
 def _clip_normalizer() -> normalizers.Normalizer:
