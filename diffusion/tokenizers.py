@@ -321,8 +321,8 @@ def build_clip_bpe_vocab(texts: Iterable[str], out_dir: str | Path, vocab_size: 
     """Train a CLIP-format byte-level BPE vocabulary of at most `vocab_size` ids and save it.
 
     With `vocab_size` >= 514 the vocabulary holds the whole byte alphabet twice (plain and with `</w>`), as real
-    CLIP does, so any text encodes without unknowns. A smaller one holds only the byte symbols seen in `texts`
-    plus `<|unk|>` for the rest. Ids: alphabet, merged tokens in merge order, [`<|unk|>`], SOT, EOT (highest).
+    CLIP does, so any text encodes without unknowns. A smaller one holds only the bytes seen in `texts` (both
+    forms) plus `<|unk|>` for the rest. Ids: alphabet, merged tokens in merge order, [`<|unk|>`], SOT, EOT (highest).
     """
     texts = [_clip_clean(t) for t in texts]
     order = _clip_vocab_order()
@@ -342,10 +342,11 @@ def build_clip_bpe_vocab(texts: Iterable[str], out_dir: str | Path, vocab_size: 
         base = list(order) + [c + END_OF_WORD for c in order]
         tail = [SOT, EOT]
     else:
+        # Each byte seen anywhere gets both forms, so any text made of seen bytes encodes without unknowns.
         merged = {a + b for a, b in trained_merges}
-        rank = {c: i for i, c in enumerate(order)}
-        seen = [t for t in model["vocab"] if t not in merged]
-        base = sorted(seen, key=lambda t: (t.endswith(END_OF_WORD), rank.get(t[0], len(rank))))
+        seen = {t.removesuffix(END_OF_WORD) for t in model["vocab"] if t not in merged}
+        chars = [c for c in order if c in seen]
+        base = chars + [c + END_OF_WORD for c in chars]
         tail = [CLIP_UNK, SOT, EOT]
     budget = vocab_size - len(base) - len(tail)
     if budget < 0:

@@ -235,6 +235,10 @@ def test_build_clip_bpe_vocab_small(tmp_path):
         assert tok.vocab[CLIP_UNK] not in tok([text])[0]
     for text in ("一只可爱的猫坐在窗台上", "A photo of a cat sitting on a windowsill", "Café au lait"):
         assert tok.decode(tok([text])[0]) == text.lower()
+    # Seen bytes in new positions (the training sentence reversed) need no unknown token.
+    reversed_ids = tok(["上台窗在坐猫的爱可只一 llewodniw"])[0]
+    assert tok.vocab[CLIP_UNK] not in reversed_ids
+    assert tok.decode(reversed_ids) == "上台窗在坐猫的爱可只一 llewodniw"
     # A byte never seen in training maps to <|unk|>, never to the EOT.
     ids = tok(["🐈"])[0]
     assert tok.vocab[CLIP_UNK] in ids and (ids == tok.end_id).sum() == 1
