@@ -11,6 +11,7 @@ from schemas.errors import UserError
 # Modules that add subcommands, in the order `pangudraw --help` lists them.
 COMMAND_MODULES = (
     "jobs.generate_cmd",
+    "jobs.cluster_cmd",
 )
 
 
