@@ -89,7 +89,7 @@ def load_state(cell: nn.Cell, state: dict[str, np.ndarray], *, source: str, stri
     for name, param in params.items():
         if name not in state:
             continue
-        value = np.ascontiguousarray(state[name])
+        value = np.asarray(state[name], order="C")  # (ascontiguousarray would turn a scalar into shape (1,))
         if param.dtype == ms.bfloat16:
             tensor = ms.Tensor(value.astype(np.float32, copy=False)).astype(ms.bfloat16)
         else:

@@ -105,14 +105,20 @@ class PanGuDraw:
     """A loaded PanGu-Draw model (all of its components, or the ones one pipeline stage needs)."""
 
     def __init__(self, config: ModelConfig, *, split_rule: SplitRule | str = SplitRule.REFERENCE,
-                 dtype: str = "float32", graph: bool = True, identity: dict | None = None):
+                 dtype: str = "float32", graph: bool = True, identity: dict | None = None,
+                 batch_invariant: bool = True):
         self.config = config
+        # Matrix kernels round differently depending on a row's position in a batch, so by default every network
+        # call holds one row (with its guidance branches): a row then gives the same bytes in any batch. False fuses
+        # the rows of a batch into one call: faster on accelerators, equal only up to float rounding.
+        self.batch_invariant = batch_invariant
         self.split_rule = SplitRule(split_rule)
         self.dtype_name = dtype
         self.dtype = runtime.resolve_dtype(dtype)
         self.graph = graph
         self.schedule = Schedule(config.num_train_timesteps, config.beta_start, config.beta_end)
         self.identity = identity or {"name": config.name, "hash": None}
+        self.trained = True
         self.tokenizers: dict[str, object] = {}
         self.nets: dict[str, ms.nn.Cell] = {}
         self._forward: dict[str, Callable] = {}
@@ -125,6 +131,7 @@ class PanGuDraw:
         """A model with freshly initialised weights (deterministic for a seed); its images are noise until trained."""
         model = cls(config, **kwargs)
         model.identity = {"name": config.name, "hash": f"random-{seed}"}
+        model.trained = False
         ms.set_seed(seed)
         model._build(set(components), tokenizers)
         return model
@@ -143,7 +150,8 @@ class PanGuDraw:
         _check_components(components)
         model = cls(config, **kwargs)
         model.identity = {"name": config.name, "hash": manifest.get("hash")}
-        if manifest.get("trained") is False:
+        model.trained = manifest.get("trained", True)
+        if not model.trained:
             log.warning("model %s at %s is untrained: its images are noise", config.name, root)
         toks = {}
         if "text" in components:
@@ -226,10 +234,10 @@ class PanGuDraw:
         """Write our model directory format: model.json, one safetensors file per component, tokenizer files.
 
         `trained` is recorded so that loading an untrained (random) model warns that its images are noise; by default
-        a model made by `random()` is untrained.
+        the flag of the model this one came from (a model made by `random()` is untrained).
         """
         if trained is None:
-            trained = not str(self.identity.get("hash") or "").startswith("random-")
+            trained = self.trained
         from diffusion import checkpoints
 
         missing = {"structure_unet", "texture_unet", "vae", "text_encoder_1", "text_encoder_2"} - set(self.nets)
@@ -307,6 +315,12 @@ class PanGuDraw:
         return out
 
     def _encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self.batch_invariant:
+            parts = [self._encode_text_batch([t]) for t in texts]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return self._encode_text_batch(texts)
+
+    def _encode_text_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         # Pad the text batch to a power of two so a handful of compiled shapes serve every batch.
         n = len(texts)
         padded = texts + [""] * ((1 << max(n - 1, 0).bit_length()) - n)
@@ -351,7 +365,7 @@ class PanGuDraw:
         """Clean latents -> uint8 images (B, H, W, 3): decode z / scale, then clip((x + 1) / 2) with rounding."""
         self._need("vae")
         z = latents.astype(np.float32) / np.float32(self.config.vae.scale_factor)
-        x = self._fwd("vae_decode")(z)
+        x = self._per_row(self._fwd("vae_decode"), z)
         img = np.clip((x + 1.0) / 2.0, 0.0, 1.0) * 255.0
         return np.rint(img).astype(np.uint8).transpose(0, 2, 3, 1)
 
@@ -359,7 +373,7 @@ class PanGuDraw:
         """uint8 images (B, H, W, 3) -> scaled latents (the posterior mean), the inverse of `decode`."""
         self._need("vae")
         x = images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
-        mean = self._fwd("vae_encode")(x)
+        mean = self._per_row(self._fwd("vae_encode"), x)
         return mean * np.float32(self.config.vae.scale_factor)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[np.ndarray]:
@@ -399,7 +413,13 @@ class PanGuDraw:
             sigma = np.float32(sigmas[i])
             x_in = x_cur[pair_row] / np.sqrt(sigma * sigma + np.float32(1.0))
             t = np.full(len(pair_row), plan.timesteps[i], dtype=np.int32)
-            eps_pairs = self._fwd(which)(x_in.astype(np.float32), t, context, y)
+            unet = self._fwd(which)
+            if self.batch_invariant:
+                eps_pairs = np.concatenate([
+                    unet(x_in[a:b], t[a:b], context[a:b], y[a:b]) for a, b in zip(offsets[:-1], offsets[1:])
+                ])
+            else:
+                eps_pairs = unet(x_in.astype(np.float32), t, context, y)
             eps = np.stack([
                 guidance.combine(eps_pairs[offsets[r]:offsets[r + 1]], conds[r].branches,
                                  requests[r].guidance_scale, requests[r].style_scales())
@@ -410,6 +430,11 @@ class PanGuDraw:
         sampler = samplers.get_sampler(requests[0].sampler)
         step_noise = noise.StepNoise([r.seed for r in requests], plan.latent_shape)
         return sampler(denoise, x, sigmas, steps, state, step_noise)
+
+    def _per_row(self, fn: Callable, x: np.ndarray) -> np.ndarray:
+        if self.batch_invariant:
+            return np.concatenate([fn(x[i:i + 1]) for i in range(len(x))])
+        return fn(x)
 
     def _need(self, *names: str) -> None:
         missing = [n for n in names if n not in self.nets]
