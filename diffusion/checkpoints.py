@@ -336,7 +336,7 @@ def write_ckpt(path: str | os.PathLike, tensors: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         for name, value in tensors.items():
-            arr = np.ascontiguousarray(value)
+            arr = np.asarray(value, order="C")  # (ascontiguousarray would turn a scalar into shape (1,))
             if arr.dtype not in _NP_TO_CKPT:
                 raise CheckpointError(f"{path}: parameter {name} has unsupported dtype {arr.dtype}")
             raw = arr.reshape(-1).view(np.uint8)

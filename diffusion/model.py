@@ -43,6 +43,10 @@ WEIGHT_FILES = {
 TOKENIZER_DIRS = {"text_encoder_1": "tokenizer_1", "text_encoder_2": "tokenizer_2"}
 
 
+# fuse(x, step, denoised) -> denoised: a hook that changes the guided x0 prediction of every step.
+Fuse = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One image to make: the prompt and every parameter that changes its pixels."""
@@ -337,29 +341,31 @@ class PanGuDraw:
             np.sqrt(self.schedule.sigma_max**2 + 1.0)
         )
 
-    def sample_structure(self, requests: Sequence[GenerationRequest], conds: Sequence[Conditioning]) -> list[Handoff]:
+    def sample_structure(self, requests: Sequence[GenerationRequest], conds: Sequence[Conditioning], *,
+                         fuse: Fuse | None = None) -> list[Handoff]:
         """Run the structure generator's steps from pure noise; returns each row's latent at the handoff."""
         plan = self._batch_plan(requests)
         x = self.initial_latents(requests)
         state: dict[str, np.ndarray] = {}
-        x = self._run(requests, conds, plan, x, plan.structure_steps, state)
+        x = self.run_steps(requests, conds, x, plan.structure_steps, state, fuse=fuse)
         return [Handoff(x[i], plan.split, {k: v[i] for k, v in state.items()}) for i in range(len(requests))]
 
     def sample_texture(self, requests: Sequence[GenerationRequest], conds: Sequence[Conditioning],
-                       handoffs: Sequence[Handoff]) -> np.ndarray:
+                       handoffs: Sequence[Handoff], *, fuse: Fuse | None = None) -> np.ndarray:
         """Continue from the handoff with the texture generator's steps; returns clean latents (B, C, h, w)."""
         plan = self._batch_plan(requests)
         if any(h.step != plan.split for h in handoffs):
             raise ValueError(f"handoffs are not at step {plan.split}, where this model's texture steps begin")
         x = np.stack([h.latent for h in handoffs])
         state = {k: np.stack([h.state[k] for h in handoffs]) for k in handoffs[0].state}
-        return self._run(requests, conds, plan, x, plan.texture_steps, state)
+        return self.run_steps(requests, conds, x, plan.texture_steps, state, fuse=fuse)
 
-    def sample(self, requests: Sequence[GenerationRequest], conds: Sequence[Conditioning]) -> np.ndarray:
+    def sample(self, requests: Sequence[GenerationRequest], conds: Sequence[Conditioning], *,
+               fuse: Fuse | None = None) -> np.ndarray:
         """Every step in one call (the UNet is picked per step); equal to sample_structure then sample_texture."""
         plan = self._batch_plan(requests)
         x = self.initial_latents(requests)
-        return self._run(requests, conds, plan, x, range(len(plan.timesteps)), {})
+        return self.run_steps(requests, conds, x, range(len(plan.timesteps)), {}, fuse=fuse)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Clean latents -> uint8 images (B, H, W, 3): decode z / scale, then clip((x + 1) / 2) with rounding."""
@@ -398,7 +404,14 @@ class PanGuDraw:
             raise ValueError(f"a sampling batch needs one size, step count and sampler; got {sorted(keys)}")
         return plans[0]
 
-    def _run(self, requests, conds, plan: Plan, x: np.ndarray, steps: range, state: dict) -> np.ndarray:
+    def run_steps(self, requests: Sequence[GenerationRequest], conds: Sequence[Conditioning], x: np.ndarray,
+                  steps: range, state: dict, *, fuse: Fuse | None = None) -> np.ndarray:
+        """Run sampler steps `steps` on sigma-space latents `x` (the structure UNet below the split, texture above).
+
+        `fuse(x, i, denoised) -> denoised`, when given, replaces the model's guided x0 prediction at each step
+        before the sampler uses it (Coop-Diffusion joins other models there).
+        """
+        plan = self._batch_plan(requests)
         if len(steps) == 0:
             return x
         sigmas = self.schedule.sampling_sigmas(plan.timesteps)
@@ -425,7 +438,8 @@ class PanGuDraw:
                                  requests[r].guidance_scale, requests[r].style_scales())
                 for r in range(len(conds))
             ])
-            return (x_cur - sigma * eps).astype(np.float32)
+            denoised = (x_cur - sigma * eps).astype(np.float32)
+            return fuse(x_cur, i, denoised) if fuse is not None else denoised
 
         sampler = samplers.get_sampler(requests[0].sampler)
         step_noise = noise.StepNoise([r.seed for r in requests], plan.latent_shape)

@@ -175,3 +175,33 @@ def test_partial_load_for_pipeline_stages(model_dir, model):
     np.testing.assert_array_equal(img[0], model.generate(rows)[0])
     with pytest.raises(RuntimeError, match="without"):
         structure.decode(np.zeros((1, 4, 16, 16), np.float32))
+
+
+def test_released_checkpoint_layout_loads_to_the_same_model(model, model_dir, tmp_path):
+    """A tiny model written as the two released .ckpt files (sgm names, gamma/beta) loads and draws the same image."""
+    from diffusion import checkpoints
+
+    texture_ckpt, structure_ckpt = tmp_path / "pangu_low_timestamp.ckpt", tmp_path / "pangu_high_timestamp.ckpt"
+    nets = model.nets
+    checkpoints.write_released(texture_ckpt, {
+        "unet": checkpoints.state_dict(nets["texture_unet"]),
+        "vae": checkpoints.state_dict(nets["vae"]),
+        "text_encoder_1": checkpoints.state_dict(nets["text_encoder_1"]),
+        "text_encoder_2": checkpoints.state_dict(nets["text_encoder_2"]),
+    })
+    # The structure file also carries (unused) encoder and VAE copies in the release; give it different ones.
+    other = PanGuDraw.random(model.config, model.tokenizers, seed=11)
+    checkpoints.write_released(structure_ckpt, {
+        "unet": checkpoints.state_dict(nets["structure_unet"]),
+        "vae": checkpoints.state_dict(other.nets["vae"]),
+    })
+    names = set(checkpoints.read_ckpt(texture_ckpt))
+    assert any(n.startswith("model.diffusion_model.input_blocks.") for n in names)
+    assert any(n.startswith("conditioner.embedders.0.transformer.text_model.") for n in names)
+    assert any(n.startswith("conditioner.embedders.1.model.") for n in names)
+    assert any(n.startswith("first_stage_model.") and n.endswith(".gamma") for n in names)
+    loaded = PanGuDraw.from_released(texture_ckpt, structure_ckpt,
+                                     {"text_encoder_1": model_dir / "tokenizer_1", "text_encoder_2": model_dir / "tokenizer_2"},
+                                     config=model.config)
+    rows = [req(seed=4, steps=6)]
+    np.testing.assert_array_equal(loaded.generate(rows)[0], model.generate(rows)[0])
