@@ -97,7 +97,7 @@ def load_state(cell: nn.Cell, state: dict[str, np.ndarray], *, source: str, stri
             tensor = ms.Tensor.from_numpy(value.astype(target, copy=False))
         param.set_data(tensor)
         loaded += 1
-    logger.info("loaded %d of %d parameters from %s", loaded, len(params), source)
+    logger.debug("loaded %d of %d parameters from %s", loaded, len(params), source)
 
 
 # ---------------------------------------------------------------- our safetensors files

@@ -491,8 +491,31 @@ def _check_components(components: set[str]) -> None:
 
 
 def default_model_dir() -> Path:
-    """The shipped tiny model (inside the package, so it travels with an install)."""
-    return Path(__file__).resolve().parent / "shipped" / "pangu-draw-tiny"
+    """The shipped tiny model (inside the package, so it travels with an install).
+
+    Where no trained model is shipped, a random tiny model is built once into the user's cache and used instead;
+    loading it warns that its images are noise.
+    """
+    shipped = Path(__file__).resolve().parent / "shipped" / "pangu-draw-tiny"
+    if (shipped / "model.json").is_file():
+        return shipped
+    import os
+
+    from diffusion.config import tiny_config
+    from diffusion.tiny import build_random_model
+
+    cache = Path(os.environ.get("PANGUDRAW_CACHE", Path.home() / ".cache" / "pangudraw")) / "random-tiny-v1"
+    if not (cache / "model.json").is_file():
+        log.warning("no trained tiny model is shipped; building a random one at %s", cache)
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        build_random_model(tmp, config=tiny_config("pangu-draw-tiny-random"), seed=0)
+        try:
+            tmp.rename(cache)
+        except OSError:  # another process finished first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return cache
 
 
 def read_model_manifest(root: Path) -> dict:
