@@ -10,6 +10,7 @@ from schemas.errors import UserError
 
 # Modules that add subcommands, in the order `pangudraw --help` lists them.
 COMMAND_MODULES = (
+    "jobs.run_cmd",
     "jobs.generate_cmd",
     "jobs.cluster_cmd",
 )
