@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -117,38 +116,19 @@ def ensure_ray(num_cpus: float | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PANGUDRAW_CACHE", Path.home() / ".cache" / "pangudraw"))
-
-
 def resolve_model_dir(model: str | None) -> Path:
-    """The model directory the actors load: the given one, the shipped tiny model, or a random tiny stand-in."""
+    """The model directory the actors load: the given one, else the default (`diffusion.model.default_model_dir`:
+    the shipped tiny model, or a random tiny stand-in whose images are noise)."""
     from diffusion.model import default_model_dir, read_model_manifest
 
     if model:
         if "://" in model and not model.startswith("file://"):
             raise UserError(f"model {model}: give a local directory (or one on a filesystem every node mounts)")
         root = Path(model.removeprefix("file://")).expanduser().resolve()
-        read_model_manifest(root)
-        return root
-    shipped = default_model_dir()
-    if (shipped / "model.json").is_file():
-        return shipped
-    stand_in = cache_dir() / "random-tiny-seed0"
-    log.warning("the shipped tiny model is not installed; using a random tiny model from %s: its images are noise",
-                stand_in)
-    if not (stand_in / "model.json").is_file():
-        from diffusion.tiny import build_random_model
-
-        stand_in.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=stand_in.parent) as tmp:
-            build_random_model(Path(tmp) / "model", seed=0)
-            try:
-                os.replace(Path(tmp) / "model", stand_in)
-            except OSError:
-                if not (stand_in / "model.json").is_file():  # another process won the race otherwise
-                    raise
-    return stand_in
+    else:
+        root = default_model_dir().resolve()
+    read_model_manifest(root)
+    return root
 
 
 def resolved_s3(settings: S3Settings, uris: list[str]) -> S3Settings:
@@ -246,11 +226,9 @@ def build_dataset(manifest: Manifest, spec: JobSpec, *, model_dir: Path, model_c
     model_args = dict(model_dir=str(model_dir), device=device, batch_size=batch_size, pad_batches=options.pad_batches,
                       split_rule=options.split_rule, dtype=options.dtype)
     remote = actor_options(device, placement, options.cpus_per_model_actor)
-    # Resources as named arguments; the rest (the SPREAD strategy) through a function, as Ray Data asks.
-    named = {"num_cpus": remote.pop("num_cpus")}
-    if "resources" in remote:
-        named["resources"] = remote.pop("resources")
-    extra = dict(remote)
+    # Ray Data spreads actor pools over the nodes itself (its default strategy is SPREAD) and deprecates passing
+    # a strategy, so only the resources are given.
+    remote.pop("scheduling_strategy", None)
 
     ds = ray.data.read_datasource(manifest_datasource(manifest, options.block_rows), num_cpus=LIGHT_CPUS)
     ds = ds.map_batches(
@@ -262,8 +240,7 @@ def build_dataset(manifest: Manifest, spec: JobSpec, *, model_dir: Path, model_c
     for name in MODEL_STAGES:
         ds = ds.map_batches(
             getattr(stages, name), batch_size=batch_size, batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=placement.actors[name]), fn_constructor_kwargs=model_args, **named,
-            ray_remote_args_fn=(lambda: dict(extra)) if extra else None,
+            compute=ActorPoolStrategy(size=placement.actors[name]), fn_constructor_kwargs=model_args, **remote,
         )
     return ds.map_batches(
         stages.write, batch_size=batch_size, batch_format="pyarrow",

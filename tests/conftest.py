@@ -59,3 +59,11 @@ def s3_bucket(s3_env):
     name = f"test-{uuid.uuid4().hex[:16]}"
     boto3.client("s3", endpoint_url=s3_env.endpoint_url).create_bucket(Bucket=name)
     yield name
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random tiny model directory (`tiny_config()`, seed 0), built once per test session. Its images are noise."""
+    from diffusion.tiny import build_random_model
+
+    return build_random_model(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
