@@ -184,3 +184,12 @@ def test_upsample_and_downsample_halve_and_double_the_size():
     assert doubled.shape == (1, 2, 8, 8)
     np.testing.assert_array_equal(doubled, np.repeat(np.repeat(x.asnumpy(), 2, axis=2), 2, axis=3))
     assert Downsample(2)(x).shape == (1, 2, 2, 2)
+
+
+def test_gelu_exact_matches_the_erf_definition():
+    x = np.linspace(-8, 8, 4001).astype(np.float32)
+    expected = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    got = layers.gelu_exact(ms.Tensor(x)).asnumpy()
+    assert np.abs(got - expected).max() < 1e-6
+    half = layers.gelu_exact(ms.Tensor(x.astype(np.float16)))
+    assert half.dtype == ms.float16

@@ -11,7 +11,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from diffusion.config import UNetConfig
-from diffusion.nets.layers import Attention, GroupNorm32, LayerNorm32, timestep_embedding
+from diffusion.nets.layers import Attention, GroupNorm32, LayerNorm32, gelu_exact, timestep_embedding
 
 # sgm uses eps 1e-5 for the ResBlock/output norms and 1e-6 for the transformer's input norm.
 RESBLOCK_NORM_EPS = 1e-5
@@ -78,7 +78,7 @@ class GEGLU(nn.Cell):
 
     def construct(self, x):
         value, gate = ops.chunk(self.proj(x), 2, axis=-1)
-        return value * ops.gelu(gate, approximate="none")
+        return value * gelu_exact(gate)
 
 
 class BasicTransformerBlock(nn.Cell):
