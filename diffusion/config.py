@@ -201,3 +201,23 @@ def tiny_config(name: str = "tiny", *, model_channels: int = 32, vocab_1: int = 
 
 
 PRESETS: dict[str, ModelConfig] = {"pangu-draw-v3": PANGU_DRAW_V3, "tiny": tiny_config()}
+
+
+# ---------------------------------------------------------------- tiny Coop-Diffusion partners (SPEC section 8)
+
+def tiny_sd15_config(name: str = "tiny-sd15", *, model_channels: int = 32) -> ModelConfig:
+    """A tiny model with another latent space, in the SD-1.5 style: one UNet for every timestep and an f=8 VAE with
+    SD-1.5's latent scale 0.18215. At the 64x64 square bucket its latents are 8x8 where `tiny_config()` has 16x16."""
+    base = tiny_config(name, model_channels=model_channels, monolithic=True)
+    vae = VAEConfig(ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8, scale_factor=0.18215)
+    return ModelConfig.model_validate({**base.model_dump(), "vae": vae.model_dump()})
+
+
+def tiny_lowres_config(name: str = "tiny-lowres", *, model_channels: int = 32) -> ModelConfig:
+    """`tiny_config()` at half the side: a 32x32 square bucket (bucket scale 1/16), the low-resolution partner."""
+    base = tiny_config(name, model_channels=model_channels)
+    return ModelConfig.model_validate({**base.model_dump(), "bucket_scales": (0.0625,)})
+
+
+PRESETS["tiny-sd15"] = tiny_sd15_config()
+PRESETS["tiny-lowres"] = tiny_lowres_config()
