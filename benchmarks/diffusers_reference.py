@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -132,13 +133,15 @@ def vae_export(args) -> None:
     np.savez(args.outputs, moments=moments.numpy(), decoded=decoded.numpy())
 
 
-def _median_seconds(fn, repeats: int) -> tuple[float, list[float]]:
-    times = []
+def _median_seconds(fn, repeats: int) -> tuple[float, list[float], float]:
+    """Median wall seconds, every wall time, and median CPU seconds (all threads) of `repeats` calls."""
+    times, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(times), times, statistics.median(cpus)
 
 
 def unet_bench(args) -> None:
@@ -167,8 +170,10 @@ def unet_bench(args) -> None:
             start = time.perf_counter()
             forward()
             warmup = time.perf_counter() - start
-            median, times = _median_seconds(forward, args.repeats)
-            result["forward"][str(batch)] = {"median_s": median, "times_s": times, "warmup_s": warmup}
+            load = os.getloadavg()[0]
+            median, times, cpu = _median_seconds(forward, args.repeats)
+            result["forward"][str(batch)] = {"median_s": median, "min_s": min(times), "times_s": times,
+                                             "cpu_median_s": cpu, "warmup_s": warmup, "load_avg_1min": load}
 
             images = batch // 2
             for steps in args.steps:
@@ -187,9 +192,11 @@ def unet_bench(args) -> None:
                         latents = latents + (sigmas[i + 1] - sigmas[i]) * guided
                     return latents
 
-                seconds, _ = _median_seconds(euler, 1)
+                load = os.getloadavg()[0]
+                seconds, _, cpu = _median_seconds(euler, args.loop_repeats)
                 result["euler"].setdefault(str(batch), {})[str(steps)] = {
-                    "seconds": seconds, "images": images, "seconds_per_image": seconds / images}
+                    "seconds": seconds, "cpu_seconds": cpu, "images": images, "seconds_per_image": seconds / images,
+                    "load_avg_1min": load}
     json.dump(result, open(args.out, "w"), indent=2)
 
 
@@ -219,6 +226,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, nargs="+", default=[20, 40])
     p.add_argument("--latent", type=int, default=32)
+    p.add_argument("--loop-repeats", type=int, default=1)
     p.set_defaults(fn=unet_bench)
     args = parser.parse_args()
     args.fn(args)
