@@ -24,7 +24,7 @@ from diffusion.config import ModelConfig
 from schemas.errors import UserError
 from schemas.job import S3Settings
 from schemas.manifest import (
-    GenerationDefaults, InvalidRow, ManifestRow, check_manifest_schema, derive_row_id, passthrough_fields,
+    MAX_IMAGES_PER_ROW, GenerationDefaults, InvalidRow, ManifestRow, check_manifest_schema, derive_row_id, passthrough_fields,
     validate_rows,
 )
 from schemas.result import utc_now
@@ -60,6 +60,8 @@ class Manifest:
     total_rows: int
     # Images the manifest asks for (num_images per row, the job default where a row gives none).
     total_units: int
+    # Of those, the ones without an ok result yet (invalid rows count: they are checked again).
+    pending_units: int = 0
     # (source, row index) of each later row of a repeated id -> (the id, row index of its first use).
     duplicates: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
 
@@ -110,9 +112,12 @@ def _footer(fs: pafs.FileSystem, source: str, path: str) -> pq.FileMetaData:
                         "write the manifest with pyarrow or pandas (`DataFrame.to_parquet`)") from None
 
 
-def open_manifest(uri: str, s3: S3Settings | None = None,
-                  defaults: GenerationDefaults | None = None) -> Manifest:
-    """Find and check a manifest (one Parquet file or a prefix); UserError says what to fix when it is unusable."""
+def open_manifest(uri: str, s3: S3Settings | None = None, defaults: GenerationDefaults | None = None,
+                  done: set[tuple[str, int]] | None = None) -> Manifest:
+    """Find and check a manifest (one Parquet file or a prefix); UserError says what to fix when it is unusable.
+
+    `done` holds the (row_id, image_index) already ok, to count what is left to make.
+    """
     defaults = defaults or GenerationDefaults()
     fs, found = _find_files(str(uri), s3)
     files, schemas = [], []
@@ -128,17 +133,17 @@ def open_manifest(uri: str, s3: S3Settings | None = None,
         raise UserError(f"manifest {uri}: its files disagree on column types ({exc}); "
                         "give each column one type in every file") from None
     manifest = Manifest(str(uri), files, fs, schema, sum(f.num_rows for f in files), 0)
-    _scan_ids(manifest, defaults)
+    _scan_ids(manifest, defaults, done or set())
     log.info("manifest %s: %d file(s), %d rows, %d images asked for, %d repeated row ids",
              uri, len(files), manifest.total_rows, manifest.total_units, len(manifest.duplicates))
     return manifest
 
 
-def _scan_ids(manifest: Manifest, defaults: GenerationDefaults) -> None:
+def _scan_ids(manifest: Manifest, defaults: GenerationDefaults, done: set[tuple[str, int]]) -> None:
     """Find repeated row ids across all files (ids as validation will see them) and count the images asked for."""
     columns = [c for c in ("row_id", "num_images") if c in manifest.schema.names]
     ids, file_nos, indices = [], [], []
-    units = 0
+    units = pending = 0
     for file_no, mf in enumerate(manifest.files):
         table = _read_columns(manifest.filesystem, mf, columns)
         n = table.num_rows
@@ -152,8 +157,12 @@ def _scan_ids(manifest: Manifest, defaults: GenerationDefaults) -> None:
         ids.append(file_ids)
         file_nos.append(pa.array([file_no] * n, pa.int32()))
         indices.append(pa.array(range(n), pa.int64()))
-        units += _count_units(table, defaults)
+        counts = _units_per_row(table, defaults)
+        units += sum(counts)
+        pending += sum(1 for row_id, count in zip(file_ids.to_pylist(), counts) for i in range(count)
+                       if (row_id, i) not in done)
     manifest.total_units = units
+    manifest.pending_units = pending
     if not ids:
         return
     table = pa.table({"id": pa.concat_arrays(ids), "file": pa.concat_arrays(file_nos),
@@ -183,14 +192,17 @@ def _read_columns(fs: pafs.FileSystem, mf: ManifestFile, columns: list[str]) -> 
         raise UserError(f"manifest file {mf.source} cannot be read ({exc})") from None
 
 
-def _count_units(table: pa.Table, defaults: GenerationDefaults) -> int:
+def _units_per_row(table: pa.Table, defaults: GenerationDefaults) -> list[int]:
+    """Images each row asks for; a row with an unusable count will be one invalid result."""
     if "num_images" not in table.column_names:
-        return table.num_rows * defaults.num_images
-    total = 0
+        return [defaults.num_images] * table.num_rows
+    counts = []
     for value in table["num_images"].to_pylist():
-        usable = value is not None and not (isinstance(value, float) and math.isnan(value)) and 1 <= value <= 16
-        total += int(value) if usable else (defaults.num_images if value is None else 1)
-    return total
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            counts.append(defaults.num_images)
+        else:
+            counts.append(int(value) if float(value).is_integer() and 1 <= value <= MAX_IMAGES_PER_ROW else 1)
+    return counts
 
 
 # ---------------------------------------------------------------- streaming read
@@ -297,7 +309,7 @@ class ValidateStage:
     """Ray Data callable class: manifest records in, units out; units already done are left out (resume).
 
     An image whose result says `ok` is not made again. A row that is invalid for the same reason as last time
-    is not recorded again. A failed image is tried again, counting its attempts.
+    (or a repeat of an id that is done) is not recorded again. A failed image is tried again, counting its attempts.
     """
 
     def __init__(self, *, defaults: GenerationDefaults, model_config: ModelConfig, split_rule: str = "reference",
@@ -320,7 +332,8 @@ class ValidateStage:
     def units_of(self, row: ManifestRow | InvalidRow) -> list[dict]:
         if isinstance(row, InvalidRow):
             prior = self.prior.get((row.row_id, 0))
-            if prior is not None and prior.status == INVALID and prior.error == row.message:
+            # Recorded before: the same reason again, or a repeated id whose first row is done.
+            if prior is not None and (prior.status == "ok" or (prior.status == INVALID and prior.error == row.message)):
                 return []
             return [{"row_id": row.row_id, "image_index": 0, "status": INVALID, "error": row.message,
                      "attempts": 0, "row": dump_row(row)}]

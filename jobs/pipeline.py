@@ -318,10 +318,25 @@ def run_pipeline(spec: JobSpec, options: PipelineOptions | None = None, *, stage
     model_config = ModelConfig.model_validate(model_json["config"])
     identity = {"name": model_config.name, "hash": model_json.get("hash")}
     s3 = resolved_s3(spec.s3, [spec.manifest, spec.output])
-    manifest = open_manifest(spec.manifest, s3, spec.defaults)
     store = open_store(spec.output, s3)
     prior = results.prior_results(store)
-    already_ok = sum(1 for p in prior.values() if p.status == "ok")
+    manifest = open_manifest(spec.manifest, s3, spec.defaults,
+                             done={key for key, p in prior.items() if p.status == "ok"})
+    job_record = {
+        "job_id": spec.job_id, "spec": spec.job_json(), "model": {**identity, "dir": str(model_dir)},
+        "total_rows": manifest.total_rows, "total_images": manifest.total_units,
+        "manifest_files": [f.source for f in manifest.files], "started_at": started_at, "versions": _versions(),
+    }
+    tally = _Tally(manifest.pending_units)
+    if manifest.pending_units == 0:
+        # A rerun of a finished job: no actor is started and nothing but the run records is written.
+        log.info("every image of %s already has an ok result under %s; nothing to generate", spec.manifest,
+                 store.root_uri)
+        results.write_json(store, results.JOB_FILE, job_record)
+        final = results.read_results(store)
+        summary = _summary(spec, tally, final, None, identity, started_at)
+        results.write_summary(store, summary)
+        return JobResult(summary, store.root_uri)
 
     ensure_ray()
     _configure_ray_data(options)
@@ -333,18 +348,12 @@ def run_pipeline(spec: JobSpec, options: PipelineOptions | None = None, *, stage
     )
     log.info("actors per stage %s (%s; expected efficiency %.2f, bottleneck %s)", placement.actors,
              placement.chosen_by, placement.efficiency, placement.bottleneck)
-    results.write_json(store, results.JOB_FILE, {
-        "job_id": spec.job_id, "spec": spec.job_json(), "model": {**identity, "dir": str(model_dir)},
-        "total_rows": manifest.total_rows, "total_images": manifest.total_units,
-        "manifest_files": [f.source for f in manifest.files], "placement": placement.model_dump(),
-        "started_at": started_at, "versions": _versions(),
-    })
+    results.write_json(store, results.JOB_FILE, {**job_record, "placement": placement.model_dump()})
 
     dataset = build_dataset(manifest, spec, model_dir=model_dir, model_config=model_config, identity=identity,
                             placement=placement, prior=prior, s3=s3, options=options, stages=stages)
     sink = results.ResultSink(store, manifest.passthrough, shard_rows=options.shard_rows,
                               shard_seconds=options.shard_seconds)
-    tally = _Tally(max(manifest.total_units - already_ok, 0))
     last_report = time.monotonic()
     for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         sink.add(block)
@@ -365,7 +374,7 @@ def run_pipeline(spec: JobSpec, options: PipelineOptions | None = None, *, stage
     return JobResult(summary, store.root_uri, sink.shards, sheet, placement)
 
 
-def _summary(spec: JobSpec, tally: _Tally, final: pa.Table | None, placement: Placement, identity: dict,
+def _summary(spec: JobSpec, tally: _Tally, final: pa.Table | None, placement: Placement | None, identity: dict,
              started_at: str) -> JobSummary:
     wall = time.monotonic() - tally.start
     ok, failed, invalid = tally.status["ok"], tally.status["failed"], tally.status["invalid"]
@@ -374,13 +383,14 @@ def _summary(spec: JobSpec, tally: _Tally, final: pa.Table | None, placement: Pl
                  for stage in tally.stage_seconds if tally.stage_rows[stage]}
     images_per_s = ok / wall if wall > 0 else 0.0
     model_seconds = sum(per_image.get(stage, 0.0) for stage in MODEL_STAGES)
-    ceiling = placement.devices / model_seconds if model_seconds > 0 else None
+    ceiling = placement.devices / model_seconds if placement and model_seconds > 0 else None
     return JobSummary(
         job_id=spec.job_id, output_uri=spec.output, total=ok + failed + invalid + max(recorded - len(tally.keys), 0),
         ok=ok, invalid=invalid, failed=failed, skipped_existing=max(recorded - len(tally.keys), 0),
         started_at=started_at, finished_at=utc_now(), wall_s=wall, images_per_s=images_per_s,
         stage_seconds=dict(tally.stage_seconds), stage_seconds_per_image=per_image,
-        actors_per_stage=placement.actors, expected_efficiency=placement.efficiency,
+        actors_per_stage=placement.actors if placement else {},
+        expected_efficiency=placement.efficiency if placement else None,
         efficiency=(images_per_s / ceiling) if ceiling and ok else None,
         model_name=identity.get("name"), model_hash=identity.get("hash"),
     )
