@@ -214,7 +214,7 @@ def test_identity_bridge_needs_equal_vae_weights_and_shape(primary, primary_copy
 
 # ------------------------------------------------------------ one-stage super-resolution
 
-def test_super_resolution_hands_over_at_t_switch(primary, lowres, monkeypatch):
+def test_super_resolution_hands_over_at_t_switch(primary, primary_copy, lowres, monkeypatch):
     batch = rows(41, 42)
     sr = coop.plan_super_resolution(lowres, primary, batch, t_switch=500)
     assert (sr.handover_step, sr.handover_timestep) == (3, 499) and sr.steps == STEPS
@@ -240,6 +240,9 @@ def test_super_resolution_hands_over_at_t_switch(primary, lowres, monkeypatch):
     assert abs(xi.mean()) < 0.1 and abs(xi.std() - 1.0) < 0.1 and not np.allclose(xi[0], xi[1])
     monkeypatch.undo()
     np.testing.assert_array_equal(latents, coop.super_resolve(lowres, primary, batch, 500))
+    # Helpers may join the high-resolution steps; one identical to the high model changes nothing.
+    joined = coop.super_resolve(lowres, primary, batch, 500, helpers=[coop.CoopHelper(primary_copy, weight=0.5)])
+    np.testing.assert_array_equal(joined, latents)
     assert primary.decode(latents).shape == (2, 64, 64, 3)
     assert lowres.decode(x0_low).shape == (2, 32, 32, 3)
     with pytest.raises(ValueError, match="above every timestep"):
