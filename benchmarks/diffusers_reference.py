@@ -8,15 +8,14 @@ JSON dumps of our pydantic configs. Subcommands:
       run it on INPUTS (x, timesteps, context, pooled, time_ids) and save `eps`.
   vae-export CONFIG.json WEIGHTS.safetensors INPUTS.npz OUTPUTS.npz [--seed N]
       the same for `AutoencoderKL` and a VAEConfig: INPUTS has image and z; OUTPUTS has moments and decoded.
-  unet-bench CONFIG.json OUT.json [--threads 2] [--batches 2 8] [--repeats 5] [--steps 20 40] [--latent 32]
-      seconds per UNet forward and per image of a guided Euler loop.
+  unet-serve CONFIG.json [--threads 2]
+      build the UNet once, then time forwards and guided Euler loops on request (JSON lines on stdin/stdout).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
+import sys
 import time
 
 import numpy as np
@@ -133,71 +132,75 @@ def vae_export(args) -> None:
     np.savez(args.outputs, moments=moments.numpy(), decoded=decoded.numpy())
 
 
-def _median_seconds(fn, repeats: int) -> tuple[float, list[float], float]:
-    """Median wall seconds, every wall time, and median CPU seconds (all threads) of `repeats` calls."""
-    times, cpus = [], []
-    for _ in range(repeats):
-        start, cpu = time.perf_counter(), time.process_time()
-        fn()
-        times.append(time.perf_counter() - start)
-        cpus.append(time.process_time() - cpu)
-    return statistics.median(times), times, statistics.median(cpus)
+class UNetTimer:
+    """Times one diffusers UNet on fixed random inputs: one forward, or a guided Euler loop."""
 
+    def __init__(self, cfg: dict, threads: int):
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        self.cfg = cfg
+        self.model = unet_from_config(cfg).eval()
+        self.inputs: dict[tuple[int, int], tuple] = {}
 
-def unet_bench(args) -> None:
-    cfg = json.load(open(args.config))
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = unet_from_config(cfg)
-    model.eval()
-    pooled_width = cfg["adm_in_channels"] - time_id_width(cfg)
-    result = {"implementation": f"diffusers {__import__('diffusers').__version__} / torch {torch.__version__}",
-              "threads": torch.get_num_threads(), "parameters": sum(p.numel() for p in model.parameters()),
-              "forward": {}, "euler": {}}
-    side = args.latent
-    with torch.inference_mode():
-        for batch in args.batches:
+    def _inputs(self, batch: int, latent: int):
+        key = (batch, latent)
+        if key not in self.inputs:
             gen = torch.Generator().manual_seed(batch)
-            x = torch.randn(batch, cfg["in_channels"], side, side, generator=gen)
-            context = torch.randn(batch, 77, cfg["context_dim"], generator=gen)
-            cond = {"text_embeds": torch.randn(batch, pooled_width, generator=gen),
-                    "time_ids": torch.full((batch, 1), 5.0)}
-            t = torch.full((batch,), 999, dtype=torch.int64)
+            cfg = self.cfg
+            pooled = cfg["adm_in_channels"] - time_id_width(cfg)
+            self.inputs[key] = (
+                torch.randn(batch, cfg["in_channels"], latent, latent, generator=gen),
+                torch.randn(batch, 77, cfg["context_dim"], generator=gen),
+                {"text_embeds": torch.randn(batch, pooled, generator=gen), "time_ids": torch.full((batch, 1), 5.0)},
+            )
+        return self.inputs[key]
 
-            def forward():
-                return model(x, t, encoder_hidden_states=context, added_cond_kwargs=cond).sample
+    def forward(self, batch: int, latent: int) -> None:
+        x, context, cond = self._inputs(batch, latent)
+        with torch.inference_mode():
+            self.model(x, torch.full((batch,), 999), encoder_hidden_states=context, added_cond_kwargs=cond)
 
-            start = time.perf_counter()
-            forward()
-            warmup = time.perf_counter() - start
-            load = os.getloadavg()[0]
-            median, times, cpu = _median_seconds(forward, args.repeats)
-            result["forward"][str(batch)] = {"median_s": median, "min_s": min(times), "times_s": times,
-                                             "cpu_median_s": cpu, "warmup_s": warmup, "load_avg_1min": load}
+    def euler(self, batch: int, latent: int, steps: int, guidance: float) -> None:
+        _, context, cond = self._inputs(batch, latent)
+        timesteps = np.linspace(999, 0, steps, endpoint=False).astype(np.int64)
+        sigmas = _sigmas(timesteps)
+        gen = torch.Generator().manual_seed(0)
+        with torch.inference_mode():
+            latents = torch.randn(batch // 2, self.cfg["in_channels"], latent, latent, generator=gen)
+            latents = latents * float(np.sqrt(sigmas[0] ** 2 + 1))
+            for i, ts in enumerate(timesteps):
+                scaled = latents / float(np.sqrt(sigmas[i] ** 2 + 1))
+                eps = self.model(torch.cat([scaled, scaled]), torch.full((batch,), int(ts)),
+                                 encoder_hidden_states=context, added_cond_kwargs=cond).sample
+                uncond, text = eps.chunk(2)
+                latents = latents + float(sigmas[i + 1] - sigmas[i]) * (uncond + guidance * (text - uncond))
 
-            images = batch // 2
-            for steps in args.steps:
-                timesteps = np.linspace(999, 0, steps, endpoint=False).astype(np.int64)
-                sigmas = _sigmas(timesteps)
 
-                def euler():
-                    latents = torch.randn(images, cfg["in_channels"], side, side, generator=gen) * float(
-                        np.sqrt(sigmas[0] ** 2 + 1))
-                    for i, ts in enumerate(timesteps):
-                        scaled = latents / float(np.sqrt(sigmas[i] ** 2 + 1))
-                        eps = model(torch.cat([scaled, scaled]), torch.full((batch,), int(ts)),
-                                    encoder_hidden_states=context, added_cond_kwargs=cond).sample
-                        uncond, text = eps.chunk(2)
-                        guided = uncond + 6.0 * (text - uncond)
-                        latents = latents + (sigmas[i + 1] - sigmas[i]) * guided
-                    return latents
+def unet_serve(args) -> None:
+    """One JSON request per stdin line, one JSON answer per stdout line, so a caller can interleave its own runs.
 
-                load = os.getloadavg()[0]
-                seconds, _, cpu = _median_seconds(euler, args.loop_repeats)
-                result["euler"].setdefault(str(batch), {})[str(steps)] = {
-                    "seconds": seconds, "cpu_seconds": cpu, "images": images, "seconds_per_image": seconds / images,
-                    "load_avg_1min": load}
-    json.dump(result, open(args.out, "w"), indent=2)
+    {"op": "forward", "batch": 2, "latent": 32} or {"op": "euler", "batch": 2, "latent": 32, "steps": 20,
+    "guidance": 6.0} -> {"wall_s": ..., "cpu_s": ...}; {"op": "info"} -> implementation, threads, parameters.
+    """
+    timer = UNetTimer(json.load(open(args.config)), args.threads)
+    out = sys.stdout
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["op"] == "info":
+            import diffusers
+
+            answer = {"implementation": f"diffusers {diffusers.__version__} / torch {torch.__version__}",
+                      "threads": torch.get_num_threads(),
+                      "parameters": sum(p.numel() for p in timer.model.parameters())}
+        else:
+            wall, cpu = time.perf_counter(), time.process_time()
+            if req["op"] == "forward":
+                timer.forward(req["batch"], req["latent"])
+            else:
+                timer.euler(req["batch"], req["latent"], req["steps"], req["guidance"])
+            answer = {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
 
 
 def _sigmas(timesteps: np.ndarray) -> np.ndarray:
@@ -218,16 +221,10 @@ def main() -> None:
         p.add_argument("outputs")
         p.add_argument("--seed", type=int, default=0)
         p.set_defaults(fn=fn)
-    p = sub.add_parser("unet-bench")
+    p = sub.add_parser("unet-serve")
     p.add_argument("config")
-    p.add_argument("out")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batches", type=int, nargs="+", default=[2, 8])
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--steps", type=int, nargs="+", default=[20, 40])
-    p.add_argument("--latent", type=int, default=32)
-    p.add_argument("--loop-repeats", type=int, default=1)
-    p.set_defaults(fn=unet_bench)
+    p.set_defaults(fn=unet_serve)
     args = parser.parse_args()
     args.fn(args)
 
