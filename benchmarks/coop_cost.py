@@ -9,8 +9,8 @@ Modes (all at the primary's 64x64, the same rows, seeds and steps):
   super_resolution       one-stage: the 32x32 model for t >= t_switch, then the 64x64 model from Up(x0) + sigma * xi
   plain_low              the 32x32 model alone (what super-resolution starts from)
 
-For each: seconds per image (the fastest of --repeats after a warm-up call, which is reported apart, and the
-median; wall and CPU seconds, since this machine is shared), the ratio to plain, and network calls per image with their seconds (UNet
+For each: seconds per image (the fastest of --repeats rounds that interleave the modes, after a warm-up call
+that is reported apart, and the median; wall and CPU seconds, since this machine is shared), the ratio to plain, and network calls per image with their seconds (UNet
 calls, each one row with its guidance branches; VAE decodes and encodes; text encoders). For super-resolution it also reports how much of the 32x32
 model's layout the 64x64 image keeps: the correlation of 8x8 grey-level thumbnails with the 32x32 model's own image
 and with the x0 it handed over, against the same figures for the plain 64x64 model. The models are random unless --primary/--other/--low name trained
@@ -65,28 +65,37 @@ def _timed(fn):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _measure(fn, rows: int, repeats: int, counts: Counter, seconds: Counter) -> dict:
-    """Wall and CPU seconds per image over `repeats` runs after a warm-up; calls and their seconds of the fastest run
-    (on a shared machine the fastest run is the one least disturbed by other work)."""
-    _, warm_wall, _ = _timed(fn)
-    runs = []
-    for _ in range(repeats):
-        counts.clear()
-        seconds.clear()
-        _, wall, cpu = _timed(fn)
-        runs.append((wall / rows, cpu / rows, {k: v / rows for k, v in counts.items()},
-                     {k: v / rows for k, v in seconds.items()}))
-    walls, cpus = [r[0] for r in runs], [r[1] for r in runs]
-    fastest = min(runs, key=lambda r: r[0])
-    call_seconds = dict(sorted(fastest[3].items()))
-    return {
-        "seconds_per_image": min(walls), "median_seconds_per_image": statistics.median(walls),
-        "cpu_seconds_per_image": min(cpus), "times_s": walls, "warmup_s": warm_wall,
-        "calls_per_image": dict(sorted(fastest[2].items())), "call_seconds_per_image": call_seconds,
-        "unet_seconds_per_image": sum(v for k, v in call_seconds.items() if k.endswith("_unet")),
-        "vae_seconds_per_image": sum(v for k, v in call_seconds.items() if ".vae_" in k),
-        "load_avg": os.getloadavg()[0],
-    }
+def _measure(modes: dict, rows: int, repeats: int, counts: Counter, seconds: Counter) -> dict:
+    """Wall and CPU seconds per image of each mode over `repeats` rounds after a warm-up call each. The rounds
+    interleave the modes, so load from other work on this shared machine falls on all of them alike; calls and their
+    seconds come from each mode's fastest run (the one least disturbed)."""
+    warmup = {}
+    for name, fn in modes.items():
+        logger.info("warm-up %s", name)
+        warmup[name] = _timed(fn)[1]
+    runs: dict[str, list] = {name: [] for name in modes}
+    for round_index in range(repeats):
+        logger.info("round %d of %d", round_index + 1, repeats)
+        for name, fn in modes.items():
+            counts.clear()
+            seconds.clear()
+            _, wall, cpu = _timed(fn)
+            runs[name].append((wall / rows, cpu / rows, {k: v / rows for k, v in counts.items()},
+                               {k: v / rows for k, v in seconds.items()}, os.getloadavg()[0]))
+    results = {}
+    for name, mode_runs in runs.items():
+        walls, cpus = [r[0] for r in mode_runs], [r[1] for r in mode_runs]
+        fastest = min(mode_runs, key=lambda r: r[0])
+        call_seconds = dict(sorted(fastest[3].items()))
+        results[name] = {
+            "seconds_per_image": min(walls), "median_seconds_per_image": statistics.median(walls),
+            "cpu_seconds_per_image": min(cpus), "times_s": walls, "warmup_s": warmup[name],
+            "calls_per_image": dict(sorted(fastest[2].items())), "call_seconds_per_image": call_seconds,
+            "unet_seconds_per_image": sum(v for k, v in call_seconds.items() if k.endswith("_unet")),
+            "vae_seconds_per_image": sum(v for k, v in call_seconds.items() if ".vae_" in k),
+            "load_avg": [r[4] for r in mode_runs],
+        }
+    return results
 
 
 def _thumb(images: np.ndarray, side: int = 8) -> np.ndarray:
@@ -153,10 +162,7 @@ def main(argv=None) -> int:
         "super_resolution": lambda: coop.super_resolve(low, primary, requests, args.t_switch),
         "plain_low": lambda: low.sample(requests, low.encode(requests)),
     }
-    results = {}
-    for name, fn in modes.items():
-        logger.info("measuring %s", name)
-        results[name] = _measure(fn, args.rows, args.repeats, counts, seconds)
+    results = _measure(modes, args.rows, args.repeats, counts, seconds)
     base = results["plain"]
     for res in results.values():
         res["ratio_to_plain"] = res["seconds_per_image"] / base["seconds_per_image"]
