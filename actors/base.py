@@ -7,6 +7,7 @@ import time
 import pyarrow as pa
 
 from actors.rows import FAILED, PENDING, from_table, load_row, request_for, to_table
+from diffusion import runtime
 from diffusion.model import GenerationRequest, PanGuDraw
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class ModelStage:
         self.device = device
         self.batch_size = batch_size
         self.pad_batches = pad_batches
+        runtime.configure(device, 0)
         self.model = PanGuDraw.load(model_dir, components=self.components, device=device,
                                     split_rule=split_rule, dtype=dtype)
         log.info("%s stage ready on %s (model %s)", self.name, device, self.model.identity.get("name"))

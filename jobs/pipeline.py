@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,7 +30,7 @@ from actors.texture import TextureStage
 from actors.writer import WriteStage
 from diffusion.config import ModelConfig
 from jobs import contact_sheet, results
-from jobs.manifest import Manifest, ValidateStage, manifest_datasource, open_manifest
+from jobs.manifest import Manifest, PriorResult, ValidateStage, manifest_datasource, open_manifest
 from jobs.placement import NPU_RESOURCE, Placement, count_devices, evaluate_placement, model_actor_options, \
     plan_placement
 from schemas.errors import UserError
@@ -63,6 +64,13 @@ class PipelineOptions(BaseModel):
     split_rule: str = "reference"
     dtype: str = "float32"
     ray_progress_bars: bool = False
+    # For testing placement and node loss on machines without Ascend: actors still hold {"NPU": 1} when the job
+    # runs on "npu", but MindSpore inside them computes on the CPU.
+    compute_device: Literal["cpu", "npu"] | None = Field(
+        None, description="MindSpore device inside model actors; None: the job's device (stages.device)")
+    max_runs: int = Field(3, ge=1, description="runs of the dataflow in one call: after a model actor or its node "
+                                                "is lost, the driver chooses actors again on the nodes left and "
+                                                "resumes the rows not yet recorded")
 
 
 @dataclass
@@ -102,7 +110,8 @@ class JobResult:
 # ---------------------------------------------------------------- set-up
 
 def ensure_ray(num_cpus: float | None = None) -> None:
-    """Connect to the cluster in RAY_ADDRESS (a Ray Job sets it), or start a local Ray on this machine."""
+    """Connect to the cluster in RAY_ADDRESS (a Ray Job sets it; `auto` finds one started with `ray start`), or
+    start a private local Ray: a plain `ray.init()` would join any cluster that happens to run on this machine."""
     import ray
 
     if ray.is_initialized():
@@ -113,7 +122,7 @@ def ensure_ray(num_cpus: float | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         log.info("starting a local Ray")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
 
 
 def resolve_model_dir(model: str | None) -> Path:
@@ -223,12 +232,16 @@ def build_dataset(manifest: Manifest, spec: JobSpec, *, model_dir: Path, model_c
 
     device = spec.stages.device
     batch_size = spec.stages.batch_size
-    model_args = dict(model_dir=str(model_dir), device=device, batch_size=batch_size, pad_batches=options.pad_batches,
-                      split_rule=options.split_rule, dtype=options.dtype)
+    model_args = dict(model_dir=str(model_dir), device=options.compute_device or device, batch_size=batch_size,
+                      pad_batches=options.pad_batches, split_rule=options.split_rule, dtype=options.dtype)
     remote = actor_options(device, placement, options.cpus_per_model_actor)
     # Ray Data spreads actor pools over the nodes itself (its default strategy is SPREAD) and deprecates passing
     # a strategy, so only the resources are given.
     remote.pop("scheduling_strategy", None)
+    # A lost model actor ends the run instead of being restarted: the pool uses every device, so after a node loss
+    # a restarted actor waits for a device that never frees up and the job hangs. The driver resumes instead
+    # (`run_pipeline`), on a placement for the nodes that are left.
+    remote["max_restarts"] = 0
 
     ds = ray.data.read_datasource(manifest_datasource(manifest, options.block_rows), num_cpus=LIGHT_CPUS)
     ds = ds.map_batches(
@@ -266,6 +279,14 @@ def _configure_ray_data(options: PipelineOptions) -> None:
     if not options.ray_progress_bars:
         # Ray Data warns once that its bars are off; our own progress lines replace them.
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def lost_worker_errors() -> tuple[type[BaseException], ...]:
+    """What Ray raises to the driver when a worker, an actor or a node (with the blocks it held) is gone."""
+    from ray import exceptions
+
+    return (exceptions.RayActorError, exceptions.WorkerCrashedError, exceptions.NodeDiedError,
+            exceptions.ObjectLostError)
 
 
 class _Tally:
@@ -336,7 +357,8 @@ def run_pipeline(spec: JobSpec, options: PipelineOptions | None = None, *, stage
         final = results.read_results(store)
         summary = _summary(spec, tally, final, None, identity, started_at)
         results.write_summary(store, summary)
-        return JobResult(summary, store.root_uri)
+        sheet = [k for k in (results.CONTACT_SHEET_PNG, results.CONTACT_SHEET_HTML) if store.exists(k)]
+        return JobResult(summary, store.root_uri, contact_sheet=sheet)
 
     ensure_ray()
     _configure_ray_data(options)
@@ -350,17 +372,31 @@ def run_pipeline(spec: JobSpec, options: PipelineOptions | None = None, *, stage
              placement.chosen_by, placement.efficiency, placement.bottleneck)
     results.write_json(store, results.JOB_FILE, {**job_record, "placement": placement.model_dump()})
 
-    dataset = build_dataset(manifest, spec, model_dir=model_dir, model_config=model_config, identity=identity,
-                            placement=placement, prior=prior, s3=s3, options=options, stages=stages)
     sink = results.ResultSink(store, manifest.passthrough, shard_rows=options.shard_rows,
                               shard_seconds=options.shard_seconds)
     last_report = time.monotonic()
-    for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        sink.add(block)
-        tally.add(block)
-        if on_progress and time.monotonic() - last_report >= options.progress_seconds:
-            on_progress(tally.progress())
-            last_report = time.monotonic()
+    for run in range(1, options.max_runs + 1):
+        dataset = build_dataset(manifest, spec, model_dir=model_dir, model_config=model_config, identity=identity,
+                                placement=placement, prior=prior, s3=s3, options=options, stages=stages)
+        try:
+            for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+                sink.add(block)
+                tally.add(block)
+                if on_progress and time.monotonic() - last_report >= options.progress_seconds:
+                    on_progress(tally.progress())
+                    last_report = time.monotonic()
+            break
+        except lost_worker_errors() as exc:
+            # Committing what arrived makes the rerun safe: it makes only images that have no result yet.
+            sink.flush()
+            if run == options.max_runs:
+                raise
+            log.warning("run %d of job %s lost a worker (%s: %s); resuming on the nodes left", run, spec.job_id,
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            prior = _settled(results.prior_results(store), tally.keys)
+            placement = _replan(spec, seconds, placement, ray.cluster_resources())
+            results.write_json(store, results.JOB_FILE, {**job_record, "placement": placement.model_dump(),
+                                                         "runs": run + 1})
     sink.flush()
     if on_progress:
         on_progress(tally.progress())
@@ -372,6 +408,37 @@ def run_pipeline(spec: JobSpec, options: PipelineOptions | None = None, *, stage
         if options.contact_sheet_images else []
     results.write_summary(store, summary)
     return JobResult(summary, store.root_uri, sink.shards, sheet, placement)
+
+
+def _settled(prior: dict[tuple[str, int], PriorResult], recorded: set[tuple[str, int]]
+             ) -> dict[tuple[str, int], PriorResult]:
+    """Prior results for a rerun inside one call: images this call already recorded count as settled.
+
+    A row that failed or was invalid is tried again by the next call of the job, not by a rerun of this one, so
+    each image has one result per call.
+    """
+    settled = dict(prior)
+    for key in recorded:
+        earlier = prior.get(key)
+        settled[key] = PriorResult("ok", None, earlier.attempts if earlier else 0)
+    return settled
+
+
+def _replan(spec: JobSpec, seconds: dict[str, float], previous: Placement, cluster_resources: dict) -> Placement:
+    """Actors per stage for the devices left after a loss; hand-set counts that no longer fit are chosen again."""
+    measured = previous.seconds_per_image
+    try:
+        placement = choose_placement(spec, measured or seconds, cluster_resources)
+    except UserError as exc:
+        devices = count_devices(cluster_resources, "npu") if spec.stages.device == "npu" \
+            else cpu_devices(cluster_resources)
+        if devices < 1:
+            raise
+        log.warning("%s; choosing actors for the %d device(s) left", exc, devices)
+        placement = plan_placement(measured or seconds, devices)
+    log.info("actors per stage now %s (%s; expected efficiency %.2f, bottleneck %s)", placement.actors,
+             placement.chosen_by, placement.efficiency, placement.bottleneck)
+    return placement
 
 
 def _summary(spec: JobSpec, tally: _Tally, final: pa.Table | None, placement: Placement | None, identity: dict,
@@ -427,8 +494,8 @@ def measure_stage_seconds(store, model_dir: Path, model_config: ModelConfig, ide
     resources.pop("scheduling_strategy", None)
     task = ray.remote(_time_stages).options(**resources)
     log.info("measuring stage times on one %s (a warm-up batch, then a timed one)", spec.stages.device)
-    seconds = ray.get(task.remote(str(model_dir), spec.stages.device, spec.defaults, spec.stages.batch_size,
-                                  options.split_rule, options.dtype), timeout=3600)
+    seconds = ray.get(task.remote(str(model_dir), options.compute_device or spec.stages.device, spec.defaults,
+                                  spec.stages.batch_size, options.split_rule, options.dtype), timeout=3600)
     results.write_json(store, CALIBRATION_FILE, {"key": key, "seconds_per_image": seconds, "measured_at": utc_now()})
     return seconds
 

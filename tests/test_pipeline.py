@@ -46,7 +46,7 @@ PROMPTS = (
 def ray_session():
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="WARNING")
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
