@@ -160,18 +160,24 @@ def _summary(runs: list[tuple[float, float]]) -> dict:
             "cpu_median_s": statistics.median(r[1] for r in runs)}
 
 
-def measure(timers: dict, *, batches, steps_list, eager_steps, repeats: int, loop_repeats: int) -> dict:
-    """Every implementation in turn at each repeat, so that they share whatever load the machine has."""
+def measure(timers: dict, *, batches, steps_list, eager_steps, repeats: int, loop_repeats: int,
+            quiet=lambda: None) -> dict:
+    """Every implementation in turn at each repeat, so that they share whatever load the machine has.
+
+    `quiet()` is called before every block (it waits for a quiet machine) and its answer is recorded.
+    """
     results = {name: {"forward": {}, "euler": {}} for name in timers}
     for batch in batches:
         runs: dict[str, list] = {name: [] for name in timers}
+        load_before = quiet()
         for name, timer in timers.items():
             results[name]["forward"][str(batch)] = {"warmup_s": timer.forward(batch)[0]}
         for _ in range(repeats):
             for name, timer in timers.items():
                 runs[name].append(timer.forward(batch))
         for name in timers:
-            results[name]["forward"][str(batch)].update(_summary(runs[name]), load_avg_1min=os.getloadavg()[0])
+            results[name]["forward"][str(batch)].update(_summary(runs[name]), load_before=load_before,
+                                                        load_avg_1min_after=os.getloadavg()[0])
             logger.info("%s batch %d forward: median %.4f s", name, batch,
                         results[name]["forward"][str(batch)]["median_s"])
         if batch < 2:
@@ -180,6 +186,7 @@ def measure(timers: dict, *, batches, steps_list, eager_steps, repeats: int, loo
             active = {n: t for n, t in timers.items() if n != "mindspore_eager" or steps in eager_steps}
             # One step first: graph mode compiles the guided step here, not inside the timed loop.
             warm = {n: t.euler(batch, 1)[0] for n, t in active.items()}
+            load_before = quiet()
             runs = {name: [] for name in active}
             for _ in range(loop_repeats):
                 for name, timer in active.items():
@@ -190,7 +197,7 @@ def measure(timers: dict, *, batches, steps_list, eager_steps, repeats: int, loo
                 results[name]["euler"].setdefault(str(batch), {})[str(steps)] = {
                     "seconds": stats["median_s"], "cpu_seconds": stats["cpu_median_s"], "images": images,
                     "seconds_per_image": stats["median_s"] / images, "one_step_warmup_s": warm[name],
-                    "load_avg_1min": os.getloadavg()[0]}
+                    "load_before": load_before, "load_avg_1min_after": os.getloadavg()[0]}
                 logger.info("%s batch %d euler %d steps: %.3f s per image", name, batch, steps,
                             stats["median_s"] / images)
     return results
@@ -228,10 +235,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[20, 40])
     parser.add_argument("--nets", nargs="+", default=["bench-small", "tiny"], choices=["bench-small", "tiny"])
     parser.add_argument("--no-eager", action="store_true", help="skip eager mode (the slowest part)")
-    parser.add_argument("--eager-steps", type=int, nargs="+", default=None,
-                        help="Euler step counts for eager mode (default: same as --steps)")
-    parser.add_argument("--wait-quiet", type=float, default=900.0,
-                        help="seconds to wait at most for the load average to fall below --quiet-load (0: no wait)")
+    parser.add_argument("--eager-steps", type=int, nargs="+", default=[20],
+                        help="Euler step counts for eager mode (default 20 only: eager is 10-20x slower)")
+    parser.add_argument("--wait-quiet", type=float, default=300.0,
+                        help="before each block, seconds to wait at most for the load average to fall below "
+                             "--quiet-load (0: no wait)")
     parser.add_argument("--quiet-load", type=float, default=1.5)
     parser.add_argument("--torch-python", default=os.environ.get("PANGUDRAW_TORCH_PYTHON", "/tmp/torchenv/bin/python"),
                         help="python of a venv with torch and diffusers; skipped when it does not exist")
@@ -269,15 +277,18 @@ def main() -> None:
         if name == "bench-small" and have_torch:
             timers["torch_diffusers"] = TorchTimer(args.torch_python, cfg, latent=latent, threads=args.threads,
                                                    time_id_width=time_id_width)
-        quiet = wait_for_quiet(args.wait_quiet, args.quiet_load) if args.wait_quiet > 0 else None
+        def quiet():
+            if args.wait_quiet > 0:
+                return wait_for_quiet(args.wait_quiet, args.quiet_load)
+            return {"waited_s": 0.0, "load_avg_1min": os.getloadavg()[0]}
+
         try:
-            results = measure(timers, batches=args.batches, steps_list=args.steps,
-                              eager_steps=args.eager_steps or args.steps, repeats=args.repeats,
-                              loop_repeats=args.loop_repeats)
+            results = measure(timers, batches=args.batches, steps_list=args.steps, eager_steps=args.eager_steps,
+                              repeats=args.repeats, loop_repeats=args.loop_repeats, quiet=quiet)
         finally:
             if "torch_diffusers" in timers:
                 timers["torch_diffusers"].close()
-        entry = {"config": cfg.model_dump(), "latent": latent, "machine_load_at_start": quiet,
+        entry = {"config": cfg.model_dump(), "latent": latent,
                  "parameters": {n: t.parameters for n, t in timers.items()}}
         if "torch_diffusers" in timers:
             entry["torch_implementation"] = timers["torch_diffusers"].info["implementation"]
