@@ -210,8 +210,10 @@ def choose_placement(spec: JobSpec, seconds: dict[str, float], cluster_resources
         share = min(1.0, devices / sum(fixed.values()))
         return evaluate_placement(seconds, fixed, devices=devices, device_per_actor=share, chosen_by="hand")
     if devices >= len(MODEL_STAGES) and measure is not None:
-        seconds = measure()
-    return plan_placement(seconds, devices, fixed)
+        return plan_placement(measure(), devices, fixed)
+    placement = plan_placement(seconds, devices, fixed)
+    # The times are estimates (UNet evaluations per image), and the record says so.
+    return placement.model_copy(update={"chosen_by": placement.chosen_by.replace("measured", "estimated")})
 
 
 def actor_options(device: str, placement: Placement, cpus_per_model_actor: float | None) -> dict:
@@ -238,10 +240,6 @@ def build_dataset(manifest: Manifest, spec: JobSpec, *, model_dir: Path, model_c
     # Ray Data spreads actor pools over the nodes itself (its default strategy is SPREAD) and deprecates passing
     # a strategy, so only the resources are given.
     remote.pop("scheduling_strategy", None)
-    # A lost model actor ends the run instead of being restarted: the pool uses every device, so after a node loss
-    # a restarted actor waits for a device that never frees up and the job hangs. The driver resumes instead
-    # (`run_pipeline`), on a placement for the nodes that are left.
-    remote["max_restarts"] = 0
 
     ds = ray.data.read_datasource(manifest_datasource(manifest, options.block_rows), num_cpus=LIGHT_CPUS)
     ds = ds.map_batches(
@@ -267,10 +265,13 @@ def build_dataset(manifest: Manifest, spec: JobSpec, *, model_dir: Path, model_c
 def _configure_ray_data(options: PipelineOptions) -> None:
     from ray.data import DataContext
 
+    from jobs import node_loss
+
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = options.ray_progress_bars
     ctx.execution_options.preserve_order = False
     ctx.print_on_execution_start = False
+    node_loss.install(ctx)
     # Model actors' memory is the model's; the detector's advice to request it repeats every 30 s.
     ctx.issue_detectors_config.detectors = [
         d for d in ctx.issue_detectors_config.detectors if d.__name__ != "HighMemoryIssueDetector"
@@ -282,11 +283,13 @@ def _configure_ray_data(options: PipelineOptions) -> None:
 
 
 def lost_worker_errors() -> tuple[type[BaseException], ...]:
-    """What Ray raises to the driver when a worker, an actor or a node (with the blocks it held) is gone."""
+    """What the driver sees when a node, or an actor or blocks that Ray could not restore, is gone."""
     from ray import exceptions
 
-    return (exceptions.RayActorError, exceptions.WorkerCrashedError, exceptions.NodeDiedError,
-            exceptions.ObjectLostError)
+    from jobs import node_loss
+
+    return (node_loss.NodeLostError, exceptions.RayActorError, exceptions.WorkerCrashedError,
+            exceptions.NodeDiedError, exceptions.ObjectLostError)
 
 
 class _Tally:
@@ -426,9 +429,10 @@ def _settled(prior: dict[tuple[str, int], PriorResult], recorded: set[tuple[str,
 
 def _replan(spec: JobSpec, seconds: dict[str, float], previous: Placement, cluster_resources: dict) -> Placement:
     """Actors per stage for the devices left after a loss; hand-set counts that no longer fit are chosen again."""
-    measured = previous.seconds_per_image
+    measured = previous.seconds_per_image if "measured" in previous.chosen_by else None
     try:
-        placement = choose_placement(spec, measured or seconds, cluster_resources)
+        placement = choose_placement(spec, seconds, cluster_resources,
+                                     measure=(lambda: measured) if measured else None)
     except UserError as exc:
         devices = count_devices(cluster_resources, "npu") if spec.stages.device == "npu" \
             else cpu_devices(cluster_resources)
@@ -436,6 +440,8 @@ def _replan(spec: JobSpec, seconds: dict[str, float], previous: Placement, clust
             raise
         log.warning("%s; choosing actors for the %d device(s) left", exc, devices)
         placement = plan_placement(measured or seconds, devices)
+        if not measured:
+            placement = placement.model_copy(update={"chosen_by": placement.chosen_by.replace("measured", "estimated")})
     log.info("actors per stage now %s (%s; expected efficiency %.2f, bottleneck %s)", placement.actors,
              placement.chosen_by, placement.efficiency, placement.bottleneck)
     return placement
