@@ -121,6 +121,14 @@ def format_progress(p) -> str:
             f"invalid {p.invalid}) {p.images_per_s:.2f} images/s, {_duration(p.eta_s)} left")
 
 
+def format_placement(placement, achieved: float | None = None) -> str:
+    """Actors per stage, the devices they share and the expected (and achieved) efficiency, on one line."""
+    actors = ", ".join(f"{stage} {n}" for stage, n in placement.actors.items())
+    line = (f"actors: {actors} on {placement.devices:g} device(s), chosen by {placement.chosen_by}; "
+            f"expected efficiency {placement.efficiency:.2f} (bottleneck {placement.bottleneck})")
+    return line + (f", achieved {achieved:.2f}" if achieved is not None else "")
+
+
 def print_summary(result, out=sys.stdout) -> None:
     from jobs import results
 
@@ -136,9 +144,11 @@ def print_summary(result, out=sys.stdout) -> None:
     if result.contact_sheet:
         lines.append(f"  contact sheet: {root}/{result.contact_sheet[0]}")
     lines.append(f"  summary:  {root}/{results.SUCCESS_FILE}")
+    if result.placement is not None:
+        lines.append("  " + format_placement(result.placement, s.efficiency))
     if s.stage_seconds_per_image:
         stages = ", ".join(f"{k} {v:.3f}" for k, v in s.stage_seconds_per_image.items())
-        lines.append(f"  seconds per image: {stages}; actors {s.actors_per_stage}")
+        lines.append(f"  seconds per image: {stages}")
     if s.failed or s.invalid:
         lines.append("  rows that did not make an image are listed in the results with status and error;")
         lines.append("  run the same command again to retry failed rows")
