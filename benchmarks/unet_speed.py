@@ -161,23 +161,36 @@ def _summary(runs: list[tuple[float, float]]) -> dict:
 
 
 def measure(timers: dict, *, batches, steps_list, eager_steps, repeats: int, loop_repeats: int,
-            quiet=lambda: None) -> dict:
+            quiet=lambda: None, disturbed=lambda: False, attempts: int = 1) -> dict:
     """Every implementation in turn at each repeat, so that they share whatever load the machine has.
 
-    `quiet()` is called before every block (it waits for a quiet machine) and its answer is recorded.
+    `quiet()` is called before every block (it waits for a quiet machine) and its answer is recorded; a block
+    after which `disturbed()` is true (other jobs ran meanwhile) is measured again, `attempts` times at most.
     """
     results = {name: {"forward": {}, "euler": {}} for name in timers}
+
+    def block(run_once):
+        for attempt in range(1, attempts + 1):
+            load_before = quiet()
+            runs = run_once()
+            if not disturbed():
+                break
+            logger.info("block disturbed by other load (attempt %d of %d)", attempt, attempts)
+        return runs, {"load_before": load_before, "load_avg_1min_after": os.getloadavg()[0], "attempts": attempt}
+
     for batch in batches:
-        runs: dict[str, list] = {name: [] for name in timers}
-        load_before = quiet()
-        for name, timer in timers.items():
-            results[name]["forward"][str(batch)] = {"warmup_s": timer.forward(batch)[0]}
-        for _ in range(repeats):
-            for name, timer in timers.items():
-                runs[name].append(timer.forward(batch))
+        warmups = {name: timer.forward(batch)[0] for name, timer in timers.items()}
+
+        def forwards():
+            runs = {name: [] for name in timers}
+            for _ in range(repeats):
+                for name, timer in timers.items():
+                    runs[name].append(timer.forward(batch))
+            return runs
+
+        runs, conditions = block(forwards)
         for name in timers:
-            results[name]["forward"][str(batch)].update(_summary(runs[name]), load_before=load_before,
-                                                        load_avg_1min_after=os.getloadavg()[0])
+            results[name]["forward"][str(batch)] = dict(_summary(runs[name]), warmup_s=warmups[name], **conditions)
             logger.info("%s batch %d forward: median %.4f s", name, batch,
                         results[name]["forward"][str(batch)]["median_s"])
         if batch < 2:
@@ -186,18 +199,21 @@ def measure(timers: dict, *, batches, steps_list, eager_steps, repeats: int, loo
             active = {n: t for n, t in timers.items() if n != "mindspore_eager" or steps in eager_steps}
             # One step first: graph mode compiles the guided step here, not inside the timed loop.
             warm = {n: t.euler(batch, 1)[0] for n, t in active.items()}
-            load_before = quiet()
-            runs = {name: [] for name in active}
-            for _ in range(loop_repeats):
-                for name, timer in active.items():
-                    runs[name].append(timer.euler(batch, steps))
+
+            def loops():
+                runs = {name: [] for name in active}
+                for _ in range(loop_repeats):
+                    for name, timer in active.items():
+                        runs[name].append(timer.euler(batch, steps))
+                return runs
+
+            runs, conditions = block(loops)
             for name in active:
                 stats = _summary(runs[name])
                 images = batch // 2
-                results[name]["euler"].setdefault(str(batch), {})[str(steps)] = {
-                    "seconds": stats["median_s"], "cpu_seconds": stats["cpu_median_s"], "images": images,
-                    "seconds_per_image": stats["median_s"] / images, "one_step_warmup_s": warm[name],
-                    "load_before": load_before, "load_avg_1min_after": os.getloadavg()[0]}
+                results[name]["euler"].setdefault(str(batch), {})[str(steps)] = dict(
+                    seconds=stats["median_s"], cpu_seconds=stats["cpu_median_s"], images=images,
+                    seconds_per_image=stats["median_s"] / images, one_step_warmup_s=warm[name], **conditions)
                 logger.info("%s batch %d euler %d steps: %.3f s per image", name, batch, steps,
                             stats["median_s"] / images)
     return results
@@ -241,6 +257,9 @@ def main() -> None:
                         help="before each block, seconds to wait at most for the load average to fall below "
                              "--quiet-load (0: no wait)")
     parser.add_argument("--quiet-load", type=float, default=1.5)
+    parser.add_argument("--busy-load", type=float, default=3.5,
+                        help="a block that ends with a higher load average was disturbed and is measured again")
+    parser.add_argument("--attempts", type=int, default=3, help="measurements of a disturbed block at most")
     parser.add_argument("--torch-python", default=os.environ.get("PANGUDRAW_TORCH_PYTHON", "/tmp/torchenv/bin/python"),
                         help="python of a venv with torch and diffusers; skipped when it does not exist")
     args = parser.parse_args()
@@ -284,7 +303,8 @@ def main() -> None:
 
         try:
             results = measure(timers, batches=args.batches, steps_list=args.steps, eager_steps=args.eager_steps,
-                              repeats=args.repeats, loop_repeats=args.loop_repeats, quiet=quiet)
+                              repeats=args.repeats, loop_repeats=args.loop_repeats, quiet=quiet,
+                              disturbed=lambda: os.getloadavg()[0] > args.busy_load, attempts=args.attempts)
         finally:
             if "torch_diffusers" in timers:
                 timers["torch_diffusers"].close()
