@@ -358,3 +358,14 @@ def test_real_diffusers_unet_and_vae_give_our_outputs(tmp_path):
     decoded = vae.decoder(vae.post_quant_conv(ms.Tensor(z))).asnumpy()
     np.testing.assert_allclose(moments, ref["moments"], atol=1e-4)
     np.testing.assert_allclose(decoded, ref["decoded"], atol=1e-4)
+
+
+def test_load_state_fills_a_lazily_initialised_net(unet, eps):
+    from mindspore.nn.utils import no_init_parameters
+
+    # How the full-size nets are built: lazy parameters, then the weights straight from the file.
+    with no_init_parameters():
+        lazy = UNet(TINY.structure_unet)
+    lazy.set_train(False)
+    ck.load_state(lazy, ck.state_dict(unet), source="memory")
+    np.testing.assert_array_equal(lazy(*unet_inputs()).asnumpy(), eps)
