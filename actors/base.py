@@ -31,6 +31,9 @@ class ModelStage:
 
     name = "stage"
     components: frozenset[str] = frozenset()
+    # The pending units this stage works on: "plain" (the structure/texture path), "fused" (Coop-Diffusion rows,
+    # `unit["fusion"]` set) or "any"; the others pass through unchanged.
+    serves = "plain"
 
     def __init__(self, model_dir: str, *, device: str = "cpu", batch_size: int = 4, pad_batches: bool = False,
                  split_rule: str = "reference", dtype: str = "float32"):
@@ -47,14 +50,23 @@ class ModelStage:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         units = from_table(table)
+        self.prepare([unit for unit in units if self.takes(unit)])
         groups: dict[str, list[dict]] = {}
         for unit in units:
-            if unit["status"] == PENDING:
+            if self.takes(unit):
                 groups.setdefault(self.group_of(unit), []).append(unit)
         for members in groups.values():
             for start in range(0, len(members), self.batch_size):
                 self._run_isolated(members[start:start + self.batch_size])
         return to_table(units)
+
+    def takes(self, unit: dict) -> bool:
+        if unit["status"] != PENDING:
+            return False
+        return self.serves == "any" or (unit.get("fusion") is not None) == (self.serves == "fused")
+
+    def prepare(self, units: list[dict]) -> None:
+        """Per-block work before batching (reading inputs); may mark units failed."""
 
     def group_of(self, unit: dict) -> str:
         return unit["group"]

@@ -12,6 +12,7 @@ class DecodeStage(ModelStage):
 
     name = "decode"
     components = frozenset({"vae"})
+    serves = "any"  # fused rows arrive as clean latents of this model too
 
     def group_of(self, unit: dict) -> str:
         return f"{unit['width']}x{unit['height']}"

@@ -18,7 +18,7 @@ from schemas.manifest import InvalidRow, ManifestRow
 
 # Status of a unit while it moves: `pending` until written; `failed` and `invalid` pass through to the writer.
 PENDING, FAILED, INVALID = "pending", "failed", "invalid"
-TIMED_STAGES = ("encode", "structure", "texture", "decode")
+TIMED_STAGES = ("encode", "structure", "fusion", "texture", "decode")
 
 UNIT_SCHEMA = pa.schema([
     pa.field("row_id", pa.string()),
@@ -36,6 +36,8 @@ UNIT_SCHEMA = pa.schema([
     # Rows with equal groups can share a sampling batch (size, steps, sampler, branch count).
     pa.field("group", pa.string()),
     pa.field("started_at", pa.string()),
+    # Coop-Diffusion rows only: JSON of what is fused (mode, helper, ...), completed by the fusion stage.
+    pa.field("fusion", pa.string()),
     *(pa.field(f"{stage}_s", pa.float64()) for stage in TIMED_STAGES),
     pa.field("cond", pa.binary()),
     pa.field("handoff", pa.binary()),

@@ -67,6 +67,7 @@ class WriteStage:
         common = dict(
             image_index=unit["image_index"], attempts=unit["attempts"], width=unit["width"], height=unit["height"],
             bucket=unit["bucket"], size_snapped=unit["size_snapped"], started_at=unit["started_at"],
+            fusion=unit["fusion"],
             **self.model_fields, **{f"{stage}_s": unit[f"{stage}_s"] for stage in TIMED_STAGES},
         )
         if unit["status"] == PENDING:

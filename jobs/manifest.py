@@ -1,13 +1,14 @@
 """Manifests: find the Parquet files, check them before any generation, read them as a stream, validate rows.
 
 `open_manifest` does every check that can stop a job (no file, unreadable file, no `prompt` column, wrong column
-types, files whose columns disagree) from the Parquet footers and the `row_id` column alone, and finds duplicate
-row ids across all files. `ManifestDatasource` then streams the rows through Ray Data, each row tagged with its
+types, files whose columns disagree) from the Parquet footers and the `row_id` column alone, finds duplicate
+row ids across all files, and lists the helper models that Coop-Diffusion rows name (`helper_model`). `ManifestDatasource` then streams the rows through Ray Data, each row tagged with its
 file and position (a row without an id gets a stable one from both), and `ValidateStage` turns rows into units:
 one per image to make, or one `invalid` unit with the reason.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterator
@@ -19,7 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from actors.rows import FAILED, INVALID, PENDING, dump_row, request_for, to_table
+from actors.fusion import HelperModel, check_helper_model, plan_fused_row
+from actors.rows import INVALID, PENDING, dump_row, request_for, to_table
 from diffusion.config import ModelConfig
 from schemas.errors import UserError
 from schemas.job import S3Settings
@@ -33,7 +35,6 @@ log = logging.getLogger(__name__)
 
 SOURCE_COLUMN = "__source"
 INDEX_COLUMN = "__row_index"
-HELPER_UNSUPPORTED = "Coop-Diffusion helper models (helper_model) are not supported by this pipeline version"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,13 @@ class Manifest:
     pending_units: int = 0
     # (source, row index) of each later row of a repeated id -> (the id, row index of its first use).
     duplicates: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+    # Every `helper_model` value the rows name (Coop-Diffusion), and per value the images without an ok result.
+    helper_models: set[str] = field(default_factory=set)
+    fused_pending_by_helper: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fused_pending(self) -> int:
+        return sum(self.fused_pending_by_helper.values())
 
     @property
     def passthrough(self) -> pa.Schema:
@@ -134,16 +142,19 @@ def open_manifest(uri: str, s3: S3Settings | None = None, defaults: GenerationDe
                         "give each column one type in every file") from None
     manifest = Manifest(str(uri), files, fs, schema, sum(f.num_rows for f in files), 0)
     _scan_ids(manifest, defaults, done or set())
-    log.info("manifest %s: %d file(s), %d rows, %d images asked for, %d repeated row ids",
-             uri, len(files), manifest.total_rows, manifest.total_units, len(manifest.duplicates))
+    log.info("manifest %s: %d file(s), %d rows, %d images asked for (%d with Coop-Diffusion still to make), "
+             "%d repeated row ids", uri, len(files), manifest.total_rows, manifest.total_units,
+             manifest.fused_pending, len(manifest.duplicates))
     return manifest
 
 
 def _scan_ids(manifest: Manifest, defaults: GenerationDefaults, done: set[tuple[str, int]]) -> None:
-    """Find repeated row ids across all files (ids as validation will see them) and count the images asked for."""
-    columns = [c for c in ("row_id", "num_images") if c in manifest.schema.names]
+    """Find repeated row ids across all files (ids as validation will see them), count the images asked for and
+    collect the helper models named."""
+    columns = [c for c in ("row_id", "num_images", "helper_model") if c in manifest.schema.names]
     ids, file_nos, indices = [], [], []
     units = pending = 0
+    fused: dict[str, int] = {}
     for file_no, mf in enumerate(manifest.files):
         table = _read_columns(manifest.filesystem, mf, columns)
         n = table.num_rows
@@ -158,11 +169,17 @@ def _scan_ids(manifest: Manifest, defaults: GenerationDefaults, done: set[tuple[
         file_nos.append(pa.array([file_no] * n, pa.int32()))
         indices.append(pa.array(range(n), pa.int64()))
         counts = _units_per_row(table, defaults)
+        helpers = table["helper_model"].to_pylist() if "helper_model" in table.column_names else [None] * n
         units += sum(counts)
-        pending += sum(1 for row_id, count in zip(file_ids.to_pylist(), counts) for i in range(count)
-                       if (row_id, i) not in done)
+        for row_id, count, helper in zip(file_ids.to_pylist(), counts, helpers):
+            left = sum(1 for i in range(count) if (row_id, i) not in done)
+            pending += left
+            if isinstance(helper, str) and helper.strip():
+                fused[helper] = fused.get(helper, 0) + left
+                manifest.helper_models.add(helper)
     manifest.total_units = units
     manifest.pending_units = pending
+    manifest.fused_pending_by_helper = {helper: n for helper, n in fused.items() if n}
     if not ids:
         return
     table = pa.table({"id": pa.concat_arrays(ids), "file": pa.concat_arrays(file_nos),
@@ -280,11 +297,44 @@ class PriorResult:
     attempts: int
 
 
+@dataclass(frozen=True)
+class RowPlan:
+    """Size, bucket and batching group of a valid row's images; `fusion` is the first record of a fused row."""
+
+    width: int
+    height: int
+    bucket: int
+    snapped: bool
+    group: str
+    fusion: dict | None = None
+
+
+def plan_row(row: ManifestRow, planner, helpers: dict[str, HelperModel], source: str) -> RowPlan:
+    """How the job's model (`planner`, a PanGuDraw without weights) makes a row; ValueError when it cannot.
+
+    `helpers` holds the checked `helper_model` values; a value not in it is checked here and added.
+    """
+    if row.helper_model is None:
+        if row.output_width is not None:
+            raise ValueError("field 'output_width': expected only together with helper_model (the low-resolution "
+                             "model that starts a super-resolution image), which is empty")
+        plan = planner.plan(request_for(row, 0))
+        return RowPlan(plan.size.width, plan.size.height, plan.size.bucket, plan.size.snapped,
+                       f"{plan.size.width}x{plan.size.height}:{row.steps}:{row.sampler}:{len(plan.branches)}")
+    helper = helpers.get(row.helper_model)
+    if helper is None:
+        helper = helpers[row.helper_model] = check_helper_model(row.helper_model, planner.config)
+    fused = plan_fused_row(row, planner, helper, source)
+    return RowPlan(fused.width, fused.height, fused.bucket, fused.snapped, fused.group, fused.record)
+
+
 def validate_record(record: dict, *, defaults: GenerationDefaults, planner,
-                    duplicates: dict[tuple[str, int], tuple[str, int]]) -> ManifestRow | InvalidRow:
+                    duplicates: dict[tuple[str, int], tuple[str, int]],
+                    helpers: dict[str, HelperModel] | None = None) -> ManifestRow | InvalidRow:
     """One manifest record (with `__source` and `__row_index`) as a valid row or an invalid one with the reason.
 
-    With a `planner` (a PanGuDraw without weights) a row whose size or sampler the model cannot use is invalid too.
+    With a `planner` (a PanGuDraw without weights) a row whose size or sampler the model cannot use is invalid too,
+    and so is a Coop-Diffusion row whose helper model, control image path or output size cannot be used.
     """
     record = dict(record)
     source, index = record.pop(SOURCE_COLUMN), record.pop(INDEX_COLUMN)
@@ -297,7 +347,7 @@ def validate_record(record: dict, *, defaults: GenerationDefaults, planner,
     if planner is None:
         return row
     try:
-        planner.plan(request_for(row, 0))
+        plan_row(row, planner, {} if helpers is None else helpers, source)
     except ValueError as exc:
         return InvalidRow(row_id=row.row_id, row_index=index, source=source,
                           message=f"row {index} (id {row.row_id!r}): {exc}", prompt=row.prompt,
@@ -313,7 +363,8 @@ class ValidateStage:
     """
 
     def __init__(self, *, defaults: GenerationDefaults, model_config: ModelConfig, split_rule: str = "reference",
-                 duplicates: dict | None = None, prior: dict[tuple[str, int], PriorResult] | None = None):
+                 duplicates: dict | None = None, prior: dict[tuple[str, int], PriorResult] | None = None,
+                 helpers: dict[str, HelperModel] | None = None):
         from diffusion.model import PanGuDraw
 
         self.defaults = defaults
@@ -321,15 +372,19 @@ class ValidateStage:
         self.planner = PanGuDraw(model_config, split_rule=split_rule)
         self.duplicates = duplicates or {}
         self.prior = prior or {}
+        # Checked once per job by the driver (`check_helper_models`); values missing here are checked on first use.
+        self.helpers = dict(helpers or {})
 
     def __call__(self, table: pa.Table) -> pa.Table:
         units = []
         for record in table.to_pylist():
-            units.extend(self.units_of(validate_record(record, defaults=self.defaults, planner=self.planner,
-                                                       duplicates=self.duplicates)))
+            source = record[SOURCE_COLUMN]
+            row = validate_record(record, defaults=self.defaults, planner=self.planner, duplicates=self.duplicates,
+                                  helpers=self.helpers)
+            units.extend(self.units_of(row, source))
         return to_table(units)
 
-    def units_of(self, row: ManifestRow | InvalidRow) -> list[dict]:
+    def units_of(self, row: ManifestRow | InvalidRow, source: str = "") -> list[dict]:
         if isinstance(row, InvalidRow):
             prior = self.prior.get((row.row_id, 0))
             # Recorded before: the same reason again, or a repeated id whose first row is done.
@@ -337,9 +392,8 @@ class ValidateStage:
                 return []
             return [{"row_id": row.row_id, "image_index": 0, "status": INVALID, "error": row.message,
                      "attempts": 0, "row": dump_row(row)}]
-        plan = self.planner.plan(request_for(row, 0))
-        branches = len(plan.branches)
-        group = f"{plan.size.width}x{plan.size.height}:{row.steps}:{row.sampler}:{branches}"
+        plan = plan_row(row, self.planner, self.helpers, source)
+        fusion = None if plan.fusion is None else json.dumps(plan.fusion, sort_keys=True)
         units = []
         for image_index in range(row.num_images):
             prior = self.prior.get((row.row_id, image_index))
@@ -348,12 +402,9 @@ class ValidateStage:
             attempts = (prior.attempts if prior is not None else 0) + 1
             unit = {
                 "row_id": row.row_id, "image_index": image_index, "status": PENDING, "attempts": attempts,
-                "row": dump_row(row), "width": plan.size.width, "height": plan.size.height,
-                "bucket": plan.size.bucket, "size_snapped": plan.size.snapped, "group": group,
-                "started_at": utc_now(),
+                "row": dump_row(row), "width": plan.width, "height": plan.height, "bucket": plan.bucket,
+                "size_snapped": plan.snapped, "group": plan.group, "started_at": utc_now(), "fusion": fusion,
             }
-            if row.helper_model is not None:
-                unit.update(status=FAILED, error=HELPER_UNSUPPORTED)
             units.append(unit)
         return units
 
@@ -378,6 +429,7 @@ def validate_manifest(uri: str, *, s3: S3Settings | None = None, defaults: Gener
     defaults = defaults or GenerationDefaults()
     manifest = open_manifest(uri, s3, defaults)
     planner = PanGuDraw(model_config) if model_config is not None else None
+    helpers: dict[str, HelperModel] = {}
     valid = invalid = images = 0
     errors: list[str] = []
     for mf in manifest.files:
@@ -386,7 +438,7 @@ def validate_manifest(uri: str, *, s3: S3Settings | None = None, defaults: Gener
             for block in _read_row_group(manifest.filesystem, mf, group, start, manifest.schema, block_rows):
                 for record in block.to_pylist():
                     row = validate_record(record, defaults=defaults, planner=planner,
-                                          duplicates=manifest.duplicates)
+                                          duplicates=manifest.duplicates, helpers=helpers)
                     if isinstance(row, InvalidRow):
                         invalid += 1
                         if len(errors) < max_errors:

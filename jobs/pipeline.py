@@ -1,8 +1,12 @@
 """The batch generation dataflow on Ray Data, from a job spec to images, result shards and a summary.
 
     read manifest (ManifestDatasource, small blocks) -> ValidateStage (rows -> units; resume filter)
-      -> EncodeStage -> StructureStage -> TextureStage -> DecodeStage   (fixed-size actor pools, one model part each)
+      -> EncodeStage -> StructureStage -> [FusionStage] -> TextureStage -> DecodeStage   (fixed-size actor pools)
       -> WriteStage (images, create-only) -> driver: result shards, progress, then _SUCCESS.json
+
+Plain rows take the encode/structure/texture path; Coop-Diffusion rows (`helper_model` set) are made whole by the
+fusion stage, which exists only when the manifest has such rows, and the other stages pass them through. Both
+meet again at the decode stage. Stages without rows left to make are not started.
 
 `run_pipeline` checks everything that can stop a job (model, manifest, output) before it writes anything, then
 writes `job.json`, streams the dataset and commits result shards as rows arrive.
@@ -25,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from actors.decode import DecodeStage
 from actors.encode import EncodeStage
+from actors.fusion import FusionStage, HelperModel, check_helper_models
 from actors.structure import StructureStage
 from actors.texture import TextureStage
 from actors.writer import WriteStage
@@ -40,6 +45,8 @@ from schemas.result import JobSummary, utc_now
 log = logging.getLogger(__name__)
 
 MODEL_STAGES = ("encode", "structure", "texture", "decode")
+# The model stages fused (Coop-Diffusion) rows need besides the fusion stage.
+FUSED_ONLY_STAGES = ("decode",)
 # Share of a CPU-only cluster's CPUs given to model actors; the rest keeps reads, validation and writes moving.
 CPU_SHARE_FOR_MODELS = 0.75
 LIGHT_CPUS = 0.25
@@ -79,6 +86,7 @@ class StageClasses:
 
     encode: type = EncodeStage
     structure: type = StructureStage
+    fusion: type = FusionStage
     texture: type = TextureStage
     decode: type = DecodeStage
     write: type = WriteStage
@@ -105,6 +113,7 @@ class JobResult:
     shards_written: list[str] = field(default_factory=list)
     contact_sheet: list[str] = field(default_factory=list)
     placement: Placement | None = None
+    fusion_actors: int = 0
 
 
 # ---------------------------------------------------------------- set-up
@@ -192,25 +201,32 @@ def cpu_devices(cluster_resources: dict) -> int:
 
 
 def choose_placement(spec: JobSpec, seconds: dict[str, float], cluster_resources: dict,
-                     measure: Callable[[], dict[str, float]] | None = None) -> Placement:
-    """Actors per model stage: the job's own counts where given, the rest from (measured) stage times."""
+                     measure: Callable[[], dict[str, float]] | None = None, *, reserved: int = 0) -> Placement:
+    """Actors per model stage (the stages `seconds` names): the job's own counts where given, the rest from
+    (measured) stage times, on the devices left after `reserved` ones (the fusion actors')."""
     device = spec.stages.device
     if device == "npu":
         devices = count_devices(cluster_resources, "npu")
         if devices < 1:
             raise UserError(f"--device npu, but the Ray cluster has no '{NPU_RESOURCE}' resource; start the nodes "
                             f"with `ray start --resources='{{\"{NPU_RESOURCE}\": 8}}'` or use --device cpu")
+        if devices - reserved < 1:
+            raise UserError(f"--device npu: the Ray cluster has {devices} NPU(s), and {reserved} fusion actor(s) "
+                            f"leave none for the other model stages; use fewer --fusion-actors")
+        devices -= reserved
     else:
-        devices = cpu_devices(cluster_resources)
-    fixed = {k: v for k, v in spec.stages.actors.chosen().items() if k in MODEL_STAGES}
-    if len(fixed) == len(MODEL_STAGES):
+        devices = max(1, cpu_devices(cluster_resources) - reserved)
+    stages = tuple(seconds)
+    fixed = {k: v for k, v in spec.stages.actors.chosen().items() if k in stages}
+    if len(fixed) == len(stages):
         if device == "npu":
             return evaluate_placement(seconds, fixed, devices=devices, chosen_by="hand")
         # CPU actors beyond the CPU slots share them.
         share = min(1.0, devices / sum(fixed.values()))
         return evaluate_placement(seconds, fixed, devices=devices, device_per_actor=share, chosen_by="hand")
-    if devices >= len(MODEL_STAGES) and measure is not None:
-        return plan_placement(measure(), devices, fixed)
+    if devices >= len(stages) and measure is not None:
+        measured = measure()
+        return plan_placement({stage: measured[stage] for stage in stages}, devices, fixed)
     placement = plan_placement(seconds, devices, fixed)
     # The times are estimates (UNet evaluations per image), and the record says so.
     return placement.model_copy(update={"chosen_by": placement.chosen_by.replace("measured", "estimated")})
@@ -223,12 +239,40 @@ def actor_options(device: str, placement: Placement, cpus_per_model_actor: float
     return model_actor_options("cpu", 1.0, num_cpus=cpus_per_model_actor or share)
 
 
+def fusion_actor_options(device: str, placement: Placement, cpus_per_model_actor: float | None) -> dict:
+    """A fusion actor holds a whole device on NPU (`resources={"NPU": 1}`), and a model actor's CPU share on CPU."""
+    if device == "npu":
+        return model_actor_options("npu", 1.0, num_cpus=cpus_per_model_actor or 1.0)
+    return model_actor_options("cpu", 1.0, num_cpus=cpus_per_model_actor or placement.device_per_actor)
+
+
+def fusion_actor_count(spec: JobSpec, manifest: Manifest, helpers: dict[str, HelperModel] | None = None) -> int:
+    """Fusion actors: none without Coop-Diffusion rows left to make (rows naming a helper model known to be
+    unusable are only recorded as invalid), else the job's count (default 1)."""
+    usable = sum(n for value, n in manifest.fused_pending_by_helper.items()
+                 if helpers is None or value not in helpers or helpers[value].error is None)
+    if usable == 0:
+        if spec.stages.actors.fusion:
+            log.info("no Coop-Diffusion rows to make: no fusion actor is started")
+        return 0
+    return spec.stages.actors.fusion or 1
+
+
+def needed_stages(manifest: Manifest) -> tuple[str, ...]:
+    """The model stages (besides fusion) that have rows to make: all of them unless every row left is fused."""
+    return FUSED_ONLY_STAGES if manifest.pending_units == manifest.fused_pending else MODEL_STAGES
+
+
 # ---------------------------------------------------------------- the dataflow
 
 def build_dataset(manifest: Manifest, spec: JobSpec, *, model_dir: Path, model_config: ModelConfig,
                   identity: dict, placement: Placement, prior: dict, s3: S3Settings, options: PipelineOptions,
-                  stages: StageClasses):
-    """The Ray Dataset of result rows (lazy: nothing runs until it is iterated)."""
+                  stages: StageClasses, helpers: dict[str, HelperModel] | None = None, fusion_actors: int = 0):
+    """The Ray Dataset of result rows (lazy: nothing runs until it is iterated).
+
+    The model stages are those `placement` names, in pipeline order, with `fusion_actors` fusion actors after the
+    structure stage (none: no fusion stage).
+    """
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -246,9 +290,20 @@ def build_dataset(manifest: Manifest, spec: JobSpec, *, model_dir: Path, model_c
         ValidateStage, batch_size=None, batch_format="pyarrow", compute=ActorPoolStrategy(size=1),
         num_cpus=LIGHT_CPUS,
         fn_constructor_kwargs=dict(defaults=spec.defaults, model_config=model_config, split_rule=options.split_rule,
-                                   duplicates=manifest.duplicates, prior=prior),
+                                   duplicates=manifest.duplicates, prior=prior, helpers=helpers),
     )
+    helper_dirs = {value: h.dir for value, h in (helpers or {}).items() if h.dir}
+    fusion_remote = fusion_actor_options(device, placement, options.cpus_per_model_actor)
+    fusion_remote.pop("scheduling_strategy", None)
     for name in MODEL_STAGES:
+        if name == "texture" and fusion_actors:
+            ds = ds.map_batches(
+                stages.fusion, batch_size=batch_size, batch_format="pyarrow",
+                compute=ActorPoolStrategy(size=fusion_actors),
+                fn_constructor_kwargs=dict(model_args, helper_dirs=helper_dirs, s3=s3), **fusion_remote,
+            )
+        if name not in placement.actors:
+            continue
         ds = ds.map_batches(
             getattr(stages, name), batch_size=batch_size, batch_format="pyarrow",
             compute=ActorPoolStrategy(size=placement.actors[name]), fn_constructor_kwargs=model_args, **remote,
@@ -306,7 +361,7 @@ class _Tally:
     def add(self, table: pa.Table) -> None:
         for status, count in zip(*pc.value_counts(table["status"]).flatten()):
             self.status[status.as_py()] += count.as_py()
-        for stage in (*MODEL_STAGES, "write"):
+        for stage in (*MODEL_STAGES, "fusion", "write"):
             column = table[f"{stage}_s"]
             self.stage_seconds[stage] += pc.sum(column).as_py() or 0.0
             self.stage_rows[stage] += len(column) - column.null_count
@@ -346,10 +401,17 @@ def run_pipeline(spec: JobSpec, options: PipelineOptions | None = None, *, stage
     prior = results.prior_results(store)
     manifest = open_manifest(spec.manifest, s3, spec.defaults,
                              done={key for key, p in prior.items() if p.status == "ok"})
+    # Checked once per job from model.json and the file listing (no weights); rows naming an unusable one are
+    # invalid, with the reason. Builtin helpers are built into the user's cache here the first time.
+    helpers = check_helper_models(manifest.helper_models, model_config)
+    fusion_actors = fusion_actor_count(spec, manifest, helpers)
     job_record = {
         "job_id": spec.job_id, "spec": spec.job_json(), "model": {**identity, "dir": str(model_dir)},
         "total_rows": manifest.total_rows, "total_images": manifest.total_units,
         "manifest_files": [f.source for f in manifest.files], "started_at": started_at, "versions": _versions(),
+        "helper_models": {value: {"dir": h.dir, "name": h.name, "hash": h.hash} if h.error is None
+                          else {"error": h.error} for value, h in helpers.items()},
+        "fusion_actors": fusion_actors,
     }
     tally = _Tally(manifest.pending_units)
     if manifest.pending_units == 0:
@@ -365,12 +427,15 @@ def run_pipeline(spec: JobSpec, options: PipelineOptions | None = None, *, stage
 
     ensure_ray()
     _configure_ray_data(options)
-    seconds = estimated_seconds(model_config, spec)
+    seconds = {stage: value for stage, value in estimated_seconds(model_config, spec).items()
+               if stage in needed_stages(manifest)}
     placement = choose_placement(
         spec, seconds, ray.cluster_resources(),
         measure=(lambda: measure_stage_seconds(store, model_dir, model_config, identity, spec, options))
-        if options.calibrate else None,
+        if options.calibrate else None, reserved=fusion_actors,
     )
+    if fusion_actors:
+        log.info("fusion actors: %d (Coop-Diffusion rows to make: %d)", fusion_actors, manifest.fused_pending)
     log.info("actors per stage %s (%s; expected efficiency %.2f, bottleneck %s)", placement.actors,
              placement.chosen_by, placement.efficiency, placement.bottleneck)
     results.write_json(store, results.JOB_FILE, {**job_record, "placement": placement.model_dump()})
@@ -380,7 +445,8 @@ def run_pipeline(spec: JobSpec, options: PipelineOptions | None = None, *, stage
     last_report = time.monotonic()
     for run in range(1, options.max_runs + 1):
         dataset = build_dataset(manifest, spec, model_dir=model_dir, model_config=model_config, identity=identity,
-                                placement=placement, prior=prior, s3=s3, options=options, stages=stages)
+                                placement=placement, prior=prior, s3=s3, options=options, stages=stages,
+                                helpers=helpers, fusion_actors=fusion_actors)
         try:
             for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
                 sink.add(block)
@@ -397,7 +463,7 @@ def run_pipeline(spec: JobSpec, options: PipelineOptions | None = None, *, stage
             log.warning("run %d of job %s lost a worker (%s: %s); resuming on the nodes left", run, spec.job_id,
                         type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             prior = _settled(results.prior_results(store), tally.keys)
-            placement = _replan(spec, seconds, placement, ray.cluster_resources())
+            placement = _replan(spec, seconds, placement, ray.cluster_resources(), fusion_actors)
             results.write_json(store, results.JOB_FILE, {**job_record, "placement": placement.model_dump(),
                                                          "runs": run + 1})
     sink.flush()
@@ -405,12 +471,12 @@ def run_pipeline(spec: JobSpec, options: PipelineOptions | None = None, *, stage
         on_progress(tally.progress())
 
     final = results.read_results(store)
-    summary = _summary(spec, tally, final, placement, identity, started_at)
+    summary = _summary(spec, tally, final, placement, identity, started_at, fusion_actors)
     sheet = contact_sheet.write_contact_sheet(store, final, title=f"{spec.job_id}",
                                               limit=options.contact_sheet_images) \
         if options.contact_sheet_images else []
     results.write_summary(store, summary)
-    return JobResult(summary, store.root_uri, sink.shards, sheet, placement)
+    return JobResult(summary, store.root_uri, sink.shards, sheet, placement, fusion_actors)
 
 
 def _settled(prior: dict[tuple[str, int], PriorResult], recorded: set[tuple[str, int]]
@@ -427,15 +493,16 @@ def _settled(prior: dict[tuple[str, int], PriorResult], recorded: set[tuple[str,
     return settled
 
 
-def _replan(spec: JobSpec, seconds: dict[str, float], previous: Placement, cluster_resources: dict) -> Placement:
+def _replan(spec: JobSpec, seconds: dict[str, float], previous: Placement, cluster_resources: dict,
+            reserved: int = 0) -> Placement:
     """Actors per stage for the devices left after a loss; hand-set counts that no longer fit are chosen again."""
     measured = previous.seconds_per_image if "measured" in previous.chosen_by else None
     try:
         placement = choose_placement(spec, seconds, cluster_resources,
-                                     measure=(lambda: measured) if measured else None)
+                                     measure=(lambda: measured) if measured else None, reserved=reserved)
     except UserError as exc:
-        devices = count_devices(cluster_resources, "npu") if spec.stages.device == "npu" \
-            else cpu_devices(cluster_resources)
+        devices = count_devices(cluster_resources, "npu") - reserved if spec.stages.device == "npu" \
+            else max(1, cpu_devices(cluster_resources) - reserved)
         if devices < 1:
             raise
         log.warning("%s; choosing actors for the %d device(s) left", exc, devices)
@@ -448,7 +515,7 @@ def _replan(spec: JobSpec, seconds: dict[str, float], previous: Placement, clust
 
 
 def _summary(spec: JobSpec, tally: _Tally, final: pa.Table | None, placement: Placement | None, identity: dict,
-             started_at: str) -> JobSummary:
+             started_at: str, fusion_actors: int = 0) -> JobSummary:
     wall = time.monotonic() - tally.start
     ok, failed, invalid = tally.status["ok"], tally.status["failed"], tally.status["invalid"]
     recorded = 0 if final is None else final.num_rows
@@ -462,7 +529,8 @@ def _summary(spec: JobSpec, tally: _Tally, final: pa.Table | None, placement: Pl
         ok=ok, invalid=invalid, failed=failed, skipped_existing=max(recorded - len(tally.keys), 0),
         started_at=started_at, finished_at=utc_now(), wall_s=wall, images_per_s=images_per_s,
         stage_seconds=dict(tally.stage_seconds), stage_seconds_per_image=per_image,
-        actors_per_stage=placement.actors if placement else {},
+        actors_per_stage={**(placement.actors if placement else {}),
+                          **({"fusion": fusion_actors} if fusion_actors else {})},
         expected_efficiency=placement.efficiency if placement else None,
         efficiency=(images_per_s / ceiling) if ceiling and ok else None,
         model_name=identity.get("name"), model_hash=identity.get("hash"),

@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--actors-per-stage", metavar="N|STAGE=N,...",
                      help="actors of every model stage (e.g. 2) or per stage (e.g. structure=3,texture=2); "
                           "default: from measured stage times")
+    run.add_argument("--fusion-actors", type=int, metavar="N",
+                     help="actors of the Coop-Diffusion fusion stage (default 1 when the manifest has rows with "
+                          "helper_model, none otherwise)")
     run.add_argument("--batch-size", type=int, help="rows per model batch (default 4)")
     run.add_argument("--format", choices=["png", "jpeg", "webp"], help="image format (default png)")
     run.add_argument("--spec", help="job spec file (YAML or JSON); flags override its fields")
@@ -95,6 +98,10 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         stages["image_format"] = args.format
     if getattr(args, "actors_per_stage", None):
         stages["actors"] = {**dict(stages.get("actors") or {}), **parse_actors(args.actors_per_stage)}
+    if getattr(args, "fusion_actors", None) is not None:
+        if args.fusion_actors < 1:
+            raise UserError(f"--fusion-actors {args.fusion_actors}: expected a positive number")
+        stages["actors"] = {**dict(stages.get("actors") or {}), "fusion": args.fusion_actors}
     if stages:
         data["stages"] = stages
     if getattr(args, "steps", None):
@@ -146,6 +153,8 @@ def print_summary(result, out=sys.stdout) -> None:
     lines.append(f"  summary:  {root}/{results.SUCCESS_FILE}")
     if result.placement is not None:
         lines.append("  " + format_placement(result.placement, s.efficiency))
+    if result.fusion_actors:
+        lines.append(f"  fusion actors (Coop-Diffusion rows): {result.fusion_actors}")
     if s.stage_seconds_per_image:
         stages = ", ".join(f"{k} {v:.3f}" for k, v in s.stage_seconds_per_image.items())
         lines.append(f"  seconds per image: {stages}")

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from schemas.manifest import InvalidRow, ManifestRow
 
 Status = Literal["ok", "invalid", "failed"]
-STAGES = ("encode", "structure", "texture", "decode", "write")
+STAGES = ("encode", "structure", "fusion", "texture", "decode", "write")
 # Pass-through columns whose names clash with a result column get this prefix in the result.
 PASSTHROUGH_CLASH_PREFIX = "manifest_"
 
@@ -67,13 +67,15 @@ class ResultRow(BaseModel):
     bytes: int | None = Field(None, ge=0)
     encode_s: float | None = None
     structure_s: float | None = None
+    fusion_s: float | None = None
     texture_s: float | None = None
     decode_s: float | None = None
     write_s: float | None = None
     attempts: int = Field(1, ge=0)
     started_at: str | None = None
     finished_at: str | None = None
-    # Coop-Diffusion details as a JSON string (helpers, weights, windows, bridge sizes), or None.
+    # Coop-Diffusion rows: JSON of what was fused (mode, helper model and its directory name, weight, window,
+    # control image URI, bridge or super-resolution sizes; `actors.fusion`); None for plain rows.
     fusion: str | None = None
     passthrough: dict[str, Any] = Field(default_factory=dict)
 
@@ -128,7 +130,7 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "helper_window": pa.string(), "control_image_uri": pa.string(), "output_width": pa.int32(),
     "output_height": pa.int32(), "model_name": pa.string(), "model_hash": pa.string(),
     "sha256": pa.string(), "bytes": pa.int64(),
-    "encode_s": pa.float64(), "structure_s": pa.float64(), "texture_s": pa.float64(),
+    "encode_s": pa.float64(), "structure_s": pa.float64(), "fusion_s": pa.float64(), "texture_s": pa.float64(),
     "decode_s": pa.float64(), "write_s": pa.float64(), "attempts": pa.int32(),
     "started_at": pa.string(), "finished_at": pa.string(), "fusion": pa.string(),
 }

@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from actors.rows import FAILED, INVALID, PENDING, from_table, load_row, pack, unpack
+from actors.rows import INVALID, PENDING, from_table, load_row, pack, unpack
 from actors.writer import WriteStage, encode_image
 from diffusion.config import tiny_config
 from jobs import results
 from jobs.cli import main as cli_main
 from jobs.contact_sheet import render_html, render_png
 from jobs.manifest import (
-    HELPER_UNSUPPORTED, INDEX_COLUMN, SOURCE_COLUMN, PriorResult, ValidateStage, open_manifest, validate_manifest,
+    INDEX_COLUMN, SOURCE_COLUMN, PriorResult, ValidateStage, open_manifest, validate_manifest,
 )
 from jobs.run_cmd import parse_actors
 from schemas.errors import UserError
@@ -121,13 +121,14 @@ def test_validate_stage_makes_one_unit_per_image_and_invalid_units():
     units = from_table(stage()(table))
     got = [(u["row_id"], u["image_index"], u["status"]) for u in units]
     assert got == [("a", 0, PENDING), ("a", 1, PENDING), ("m-00000001", 0, PENDING), ("bad", 0, INVALID),
-                   ("odd", 0, PENDING), ("helper", 0, FAILED)]
+                   ("odd", 0, PENDING), ("helper", 0, INVALID)]
     first = units[0]
     assert (first["width"], first["height"], first["bucket"], first["group"]) == (64, 64, 5, "64x64:4:euler:3")
     assert load_row(first["row"]).passthrough == {"tag": "x"} and first["attempts"] == 1
     assert units[3]["error"].startswith("row 2 (id 'bad'): field 'prompt'")
     assert units[4]["size_snapped"] is True
-    assert units[5]["error"] == HELPER_UNSUPPORTED
+    # A helper model that is not a model directory (here: none at ./sd15) makes its row invalid.
+    assert units[5]["error"].startswith("row 4 (id 'helper'): field 'helper_model': expected a model directory")
 
 
 def test_validate_stage_skips_done_images_and_counts_attempts():
