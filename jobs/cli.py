@@ -13,6 +13,8 @@ COMMAND_MODULES = (
     "jobs.run_cmd",
     "jobs.generate_cmd",
     "jobs.cluster_cmd",
+    "jobs.train_cmd",
+    "jobs.eval_cmd",
 )
 
 

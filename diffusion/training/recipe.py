@@ -1,0 +1,235 @@
+"""The recipe of the shipped tiny model, from nothing to a model directory, resumable stage by stage.
+
+    data        synthetic bilingual data set (diffusion.synthetic) -> work/data/synthetic.parquet
+    tokenizers  WordPiece and CLIP BPE vocabularies of the captions' words -> work/tokenizers/
+    vae         the KL autoencoder on 32x32 crops, then its latent scale factor -> work/models/vae/
+    structure   structure generator + both text encoders, t in [T_s, T), all images -> work/models/structure/
+    texture     texture generator, t in [0, T_s), 8x8 latent crops of full-resolution images -> out_dir
+
+A stage whose model directory exists is skipped, and a stage stopped midway resumes from its last checkpoint, so
+running the same command again continues. `train_monolithic` trains the comparison model of the same data.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from diffusion import synthetic
+from diffusion.config import ModelConfig, tiny_config
+from diffusion.training.config import DiffusionTrainConfig, OptimConfig, VAETrainConfig
+from diffusion.training.data import ImageTextSet, bucket_images, read_tables
+
+log = logging.getLogger(__name__)
+
+SHIPPED_NAME = "pangu-draw-tiny"
+
+
+def shipped_model_dir() -> Path:
+    """Where the shipped tiny model lives in the package (`diffusion.model.default_model_dir` looks there)."""
+    return Path(__file__).resolve().parent.parent / "shipped" / SHIPPED_NAME
+
+
+def shipped_tiny_config(name: str = SHIPPED_NAME, *, model_channels: int = 32, monolithic: bool = False) -> ModelConfig:
+    """The shipped model's architecture: the tiny test preset (64x64 at bucket scale 1/8, f=4 VAE, 2-level UNet)
+    with vocabularies big enough for the synthetic captions (WordPiece 256, CLIP BPE 512)."""
+    return tiny_config(name, model_channels=model_channels, vocab_1=256, vocab_2=512, monolithic=monolithic)
+
+
+class TinyModelRecipe(BaseModel):
+    """Every setting of the shipped model's training; the defaults are what produced the shipped weights."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: synthetic.SyntheticConfig = synthetic.SyntheticConfig(num_images=6000, seed=0)
+    vae: VAETrainConfig = VAETrainConfig(
+        steps=400, batch_size=16, crop=32, checkpoint_every=100, log_every=25,
+        optim=OptimConfig(learning_rate=1e-3, warmup_steps=50),
+    )
+    structure: DiffusionTrainConfig = DiffusionTrainConfig(
+        mode="structure", steps=1000, batch_size=32, checkpoint_every=100, log_every=25,
+        optim=OptimConfig(learning_rate=1e-3, warmup_steps=100),
+    )
+    texture: DiffusionTrainConfig = DiffusionTrainConfig(
+        mode="texture", steps=600, batch_size=32, crop_latent=8, checkpoint_every=100, log_every=25,
+        optim=OptimConfig(learning_rate=1e-3, warmup_steps=100),
+    )
+    model_channels: int = 32
+    model_seed: int = 0
+
+
+def _describe(recipe: TinyModelRecipe, report: dict) -> str:
+    s, t = report["stages"]["structure"], report["stages"]["texture"]
+    return (
+        f"{SHIPPED_NAME}: a tiny bilingual (English/Chinese/mixed) PanGu-Draw trained from scratch on "
+        f"{recipe.data.num_images} synthetic images (diffusion.synthetic: {len(synthetic.SHAPES)} shapes, "
+        f"{len(synthetic.COLOURS)} colours, {len(synthetic.PATTERNS)} fill patterns, coloured backgrounds) at 64x64 "
+        f"and 80x48/48x80. Structure generator t>=500 ({s['steps']} steps x {recipe.structure.batch_size}, all images "
+        f"incl. upsampled low-resolution ones), texture generator t<500 ({t['steps']} steps x "
+        f"{recipe.texture.batch_size} 32x32-pixel crops). Reproduce with scripts/build_tiny_model.sh."
+    )
+
+
+def load_synthetic(path: Path) -> ImageTextSet:
+    import pyarrow.parquet as pq
+
+    return ImageTextSet.from_table(read_tables([pq.read_table(path)]))
+
+
+def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyModelRecipe | None = None) -> dict:
+    """Run (or continue) every stage; returns the report, also written to work_dir/report.json."""
+    from diffusion import runtime
+    from diffusion.model import PanGuDraw
+    from diffusion.tiny import build_tokenizers
+    from diffusion.training.diffusion_trainer import DiffusionTrainer
+    from diffusion.training.vae_trainer import VAETrainer, fit_scale_factor, reconstruction_psnr
+
+    recipe = recipe or TinyModelRecipe()
+    runtime.configure("cpu")
+    out_dir, work = Path(out_dir), Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    report_path = work / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {"stages": {}}
+    report["recipe"] = json.loads(recipe.model_dump_json())
+
+    def save_report():
+        report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+
+    start = time.perf_counter()
+    data_path = work / "data" / "synthetic.parquet"
+    if not data_path.is_file():
+        t0 = time.perf_counter()
+        synthetic.write_parquet(recipe.data, data_path)
+        report["stages"]["data"] = {"seconds": time.perf_counter() - t0, "rows": recipe.data.num_images}
+        save_report()
+    data = load_synthetic(data_path)
+
+    config = shipped_tiny_config(model_channels=recipe.model_channels)
+    tok_dir = work / "tokenizers"
+    toks = build_tokenizers(tok_dir, tokenizer_corpus(), config)
+
+    vae_dir = work / "models" / "vae"
+    if not (vae_dir / "model.json").is_file():
+        t0 = time.perf_counter()
+        model = PanGuDraw.random(config, toks, seed=recipe.model_seed, batch_invariant=False)
+        trainer = VAETrainer(model, data, recipe.vae, work / "runs" / "vae")
+        rows = trainer.train()
+        trainer.finish()
+        images = bucket_images(data, config.bucket_scales[0], use_low_resolution=False).images
+        scale = fit_scale_factor(model, images)
+        model.config = config.model_copy(update={"vae": config.vae.model_copy(update={"scale_factor": scale})})
+        square = images[min(images, key=lambda b: abs(b - 5))][:64]
+        psnr = reconstruction_psnr(model, square)
+        model.save(vae_dir, description=f"{SHIPPED_NAME} after VAE training (UNets untrained)", trained=False)
+        report["stages"]["vae"] = {"seconds": time.perf_counter() - t0, "steps": recipe.vae.steps,
+                                   "final_loss": rows[-1]["loss"] if rows else None, "scale_factor": scale,
+                                   "psnr_db": psnr}
+        save_report()
+        log.info("VAE done: scale factor %.5g, reconstruction PSNR %.2f dB", scale, psnr)
+
+    structure_dir = work / "models" / "structure"
+    if not (structure_dir / "model.json").is_file():
+        t0 = time.perf_counter()
+        model = PanGuDraw.load(vae_dir, batch_invariant=False)
+        trainer = DiffusionTrainer(model, data, recipe.structure, work / "runs" / "structure")
+        rows = trainer.train()
+        trainer.finish()
+        model.save(structure_dir, description=f"{SHIPPED_NAME} after structure training (texture UNet untrained)",
+                   trained=False)
+        report["stages"]["structure"] = _stage_report(trainer, rows, time.perf_counter() - t0)
+        save_report()
+
+    if not (out_dir / "model.json").is_file() or report["stages"].get("texture") is None:
+        t0 = time.perf_counter()
+        model = PanGuDraw.load(structure_dir, batch_invariant=False)
+        trainer = DiffusionTrainer(model, data, recipe.texture, work / "runs" / "texture")
+        rows = trainer.train()
+        trainer.finish()
+        report["stages"]["texture"] = _stage_report(trainer, rows, time.perf_counter() - t0)
+        model.save(out_dir, description=_describe(recipe, report), trained=True)
+        save_report()
+
+    report["seconds_this_call"] = time.perf_counter() - start
+    save_report()
+    return report
+
+
+def tokenizer_corpus() -> list[str]:
+    """The texts both vocabularies are built from: every caption word in context, Chinese characters spaced apart
+    so the byte-level BPE learns characters rather than whole Chinese phrases (as CLIP's own vocabulary does)."""
+    out = []
+    for text in synthetic.text_corpus():
+        out.append("".join(f" {ch} " if "\u4e00" <= ch <= "\u9fff" else ch for ch in text))
+    return out
+
+
+def _stage_report(trainer, rows: list[dict], seconds: float) -> dict:
+    loop = trainer.loop
+    return {
+        "seconds": seconds,
+        "steps": loop.step,
+        "images_seen": loop.images_seen,
+        "unet_latent_pixel_steps": loop.pixels_seen,
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "images_per_s": rows[-1]["images_per_s"] if rows else None,
+        "data": trainer.data_usage(),
+    }
+
+
+def train_diffusion_stage(base_model_dir: str | Path, data: ImageTextSet, config: DiffusionTrainConfig,
+                          run_dir: str | Path, out_dir: str | Path, *, model_config: ModelConfig | None = None,
+                          seed: int = 0, description: str = "") -> dict:
+    """Train one UNet stage starting from `base_model_dir` (its VAE, tokenizers and text encoders), save `out_dir`.
+
+    With `model_config` (e.g. a monolithic or wider config), a fresh model of that config is made and the base's
+    VAE and tokenizers are copied in; the text encoders too when they have the same shapes.
+    """
+    from diffusion import checkpoints
+    from diffusion.model import PanGuDraw, read_model_manifest
+    from diffusion.training.diffusion_trainer import DiffusionTrainer
+
+    base_model_dir = Path(base_model_dir)
+    t0 = time.perf_counter()
+    if model_config is None:
+        model = PanGuDraw.load(base_model_dir, batch_invariant=False)
+    else:
+        base = PanGuDraw.load(base_model_dir, components={"text", "vae"}, batch_invariant=False)
+        vae_cfg = read_model_manifest(base_model_dir)["config"]["vae"]
+        model_config = model_config.model_copy(update={"vae": model_config.vae.model_validate(vae_cfg)})
+        model = PanGuDraw.random(model_config, base.tokenizers, seed=seed, batch_invariant=False)
+        for name in ("vae", "text_encoder_1", "text_encoder_2"):
+            state = checkpoints.state_dict(base.nets[name])
+            checkpoints.load_state(model.nets[name], state, source=str(base_model_dir))
+    trainer = DiffusionTrainer(model, data, config, run_dir)
+    rows = trainer.train()
+    trainer.finish()
+    model.save(out_dir, description=description or f"{model.config.name}: {config.mode} stage", trained=True)
+    return _stage_report(trainer, rows, time.perf_counter() - t0)
+
+
+def train_vae_stage(base_model_dir: str | Path, data: ImageTextSet, config: VAETrainConfig, run_dir: str | Path,
+                    out_dir: str | Path) -> dict:
+    """Train the VAE of the model at `base_model_dir`, refit its latent scale factor, save `out_dir`."""
+    from diffusion.model import PanGuDraw
+    from diffusion.training.vae_trainer import VAETrainer, fit_scale_factor, reconstruction_psnr
+
+    t0 = time.perf_counter()
+    model = PanGuDraw.load(base_model_dir, batch_invariant=False)
+    trainer = VAETrainer(model, data, config, run_dir)
+    rows = trainer.train()
+    trainer.finish()
+    images = bucket_images(data, model.config.bucket_scales[0], use_low_resolution=False).images
+    if not images:
+        raise ValueError("no full-resolution image fits the model's buckets")
+    scale = fit_scale_factor(model, images)
+    cfg = model.config
+    model.config = cfg.model_copy(update={"vae": cfg.vae.model_copy(update={"scale_factor": scale})})
+    largest = max(images, key=lambda b: len(images[b]))
+    psnr = reconstruction_psnr(model, images[largest][:64])
+    # A new latent space leaves the UNets of the base model behind: they need training on it again.
+    model.save(out_dir, description=f"{cfg.name}: VAE trained for {trainer.loop.step} steps", trained=False)
+    return {"seconds": time.perf_counter() - t0, "steps": trainer.loop.step,
+            "final_loss": rows[-1]["loss"] if rows else None, "scale_factor": scale, "psnr_db": psnr}

@@ -1,0 +1,179 @@
+"""`pangudraw train ...`: the synthetic data set, the shipped tiny model's recipe, and single training stages.
+
+    pangudraw train tiny                      # reproduce the shipped tiny model (data, VAE, structure, texture)
+    pangudraw train data --out data.parquet   # the synthetic bilingual data set alone
+    pangudraw train unet --mode structure --data data.parquet --model BASE_DIR --out OUT_DIR --steps 1200
+    pangudraw train vae --data s3://bucket/data/ --model BASE_DIR --out OUT_DIR
+
+Every training command resumes from the last checkpoint in its run directory when it is run again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from schemas.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORK_DIR = "work/pangu-draw-tiny"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train models (time-decoupled structure/texture generators, VAE, tiny model)")
+    tsub = p.add_subparsers(dest="train_command", metavar="WHAT", required=True)
+
+    tiny = tsub.add_parser("tiny", help="reproduce the shipped tiny bilingual model from scratch")
+    tiny.add_argument("--out", default=None,
+                      help="model directory to write (default: diffusion/shipped/pangu-draw-tiny in this checkout)")
+    tiny.add_argument("--work", default=DEFAULT_WORK_DIR,
+                      help="data, checkpoints and report (default: %(default)s); running again continues from it")
+    tiny.add_argument("--images", type=int, default=None, help="synthetic images (default: the recipe's 6000)")
+    tiny.add_argument("--scale", type=float, default=1.0,
+                      help="multiply every stage's steps by this (a quick look: 0.1)")
+    tiny.set_defaults(func=run_tiny)
+
+    data = tsub.add_parser("data", help="write the synthetic bilingual data set as Parquet")
+    data.add_argument("--out", required=True, help="Parquet file to write")
+    data.add_argument("--images", type=int, default=6000)
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--low-resolution-fraction", type=float, default=0.4)
+    data.add_argument("--include-heldout", action="store_true",
+                      help="also draw the held-out attribute combinations (kept out of training sets by default)")
+    data.set_defaults(func=run_data)
+
+    for name, helptext in (("unet", "train one UNet: structure (t >= T_s), texture (t < T_s) or monolithic"),
+                           ("vae", "train the KL autoencoder")):
+        s = tsub.add_parser(name, help=helptext)
+        s.add_argument("--data", required=True, action="append",
+                       help="Parquet file or prefix (local path, file:// or s3://) of image bytes and captions; "
+                            "may be repeated")
+        s.add_argument("--model", required=True, help="model directory to start from")
+        s.add_argument("--out", required=True, help="model directory to write")
+        s.add_argument("--run-dir", default=None, help="checkpoints and metrics (default: OUT.run)")
+        s.add_argument("--steps", type=int, default=1000)
+        s.add_argument("--batch-size", type=int, default=32)
+        s.add_argument("--grad-accum", type=int, default=1)
+        s.add_argument("--lr", type=float, default=1e-3)
+        s.add_argument("--warmup", type=int, default=100)
+        s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+        s.add_argument("--ema-decay", type=float, default=0.999)
+        s.add_argument("--checkpoint-every", type=int, default=200)
+        s.add_argument("--seed", type=int, default=0)
+        if name == "unet":
+            s.add_argument("--mode", required=True, choices=["structure", "texture", "monolithic"])
+            s.add_argument("--crop-latent", type=int, default=None,
+                           help="texture: square latent crops of this side (default 8)")
+            s.add_argument("--width", type=int, default=None,
+                           help="start a fresh UNet of this model_channels (monolithic comparisons); default: keep")
+        s.set_defaults(func=run_stage, stage=name)
+
+
+def _read_training_data(uris: list[str]):
+    from diffusion.training.data import ImageTextSet, read_tables
+    from storage import StorageError, open_store, read_uri
+
+    sources = []
+    for uri in uris:
+        try:
+            if uri.endswith(".parquet"):
+                sources.append(read_uri(uri))
+                continue
+            store = open_store(uri)
+            keys = sorted(k for k in store.list("") if k.endswith(".parquet"))
+        except (StorageError, OSError) as exc:
+            raise UserError(f"--data {uri}: cannot read it ({exc})") from None
+        if not keys:
+            raise UserError(f"--data {uri}: no .parquet files under this prefix")
+        sources.extend(store.get(k) for k in keys)
+    try:
+        data = ImageTextSet.from_table(read_tables(sources))
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken file is the user's to fix
+        raise UserError(f"--data {', '.join(uris)}: not usable training data ({exc})") from None
+    log.info("training data: %d images from %s", len(data), ", ".join(uris))
+    return data
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from diffusion import synthetic
+
+    cfg = synthetic.SyntheticConfig(num_images=args.images, seed=args.seed,
+                                    low_resolution_fraction=args.low_resolution_fraction,
+                                    include_heldout=args.include_heldout)
+    t0 = time.perf_counter()
+    path = synthetic.write_parquet(cfg, args.out)
+    print(f"{path}: {args.images} synthetic images (seed {args.seed}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def run_tiny(args: argparse.Namespace) -> int:
+    from diffusion import synthetic
+    from diffusion.training.recipe import TinyModelRecipe, build_tiny_model, shipped_model_dir
+
+    recipe = TinyModelRecipe()
+    if args.images is not None:
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"num_images": args.images})})
+    if args.scale != 1.0:
+        if args.scale <= 0:
+            raise UserError("--scale must be above 0")
+        updates = {}
+        for stage in ("vae", "structure", "texture"):
+            cfg = getattr(recipe, stage)
+            steps = max(1, int(round(cfg.steps * args.scale)))
+            updates[stage] = cfg.model_copy(update={
+                "steps": steps, "checkpoint_every": max(1, min(cfg.checkpoint_every, steps)),
+                "log_every": max(1, min(cfg.log_every, steps // 5 or 1))})
+        recipe = recipe.model_copy(update=updates)
+    out = Path(args.out) if args.out else shipped_model_dir()
+    report = build_tiny_model(out, args.work, recipe)
+    stages = report["stages"]
+    print(f"{out}: tiny model written ({synthetic.__name__} data, work files in {args.work})")
+    for name in ("data", "vae", "structure", "texture"):
+        if name in stages:
+            print(f"  {name:9s} {stages[name]['seconds']:7.1f} s")
+    return 0
+
+
+def run_stage(args: argparse.Namespace) -> int:
+    from diffusion import runtime
+    from diffusion.config import ModelConfig
+    from diffusion.model import read_model_manifest
+    from diffusion.training.config import DiffusionTrainConfig, OptimConfig, VAETrainConfig
+    from diffusion.training.recipe import train_diffusion_stage, train_vae_stage
+
+    runtime.configure("cpu")
+    if args.steps < 1 or args.batch_size < 1 or args.grad_accum < 1:
+        raise UserError("--steps, --batch-size and --grad-accum must be at least 1")
+    if not (0.0 <= args.ema_decay < 1.0):
+        raise UserError("--ema-decay must be in [0, 1)")
+    model_dir = Path(args.model)
+    base = read_model_manifest(model_dir)
+    data = _read_training_data(args.data)
+    run_dir = Path(args.run_dir) if args.run_dir else Path(str(args.out).rstrip("/") + ".run")
+    common = dict(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
+                  precision=args.precision, ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every,
+                  optim=OptimConfig(learning_rate=args.lr, warmup_steps=args.warmup))
+    if args.stage == "vae":
+        report = train_vae_stage(model_dir, data, VAETrainConfig(**common), run_dir, args.out)
+    else:
+        config = DiffusionTrainConfig(mode=args.mode, crop_latent=args.crop_latent, **common)
+        model_config = None
+        base_config = ModelConfig.model_validate(base["config"])
+        wants_monolithic = args.mode == "monolithic"
+        if args.width is not None or wants_monolithic != base_config.monolithic:
+            unet = base_config.structure_unet
+            if args.width is not None:
+                unet = unet.model_copy(update={"model_channels": args.width})
+            model_config = base_config.model_copy(update={
+                "structure_unet": unet, "texture_unet": unet, "monolithic": wants_monolithic})
+        report = train_diffusion_stage(model_dir, data, config, run_dir, args.out, model_config=model_config,
+                                       seed=args.seed)
+    (Path(args.out) / "training.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(f"{args.out}: {args.stage} trained for {report['steps']} steps, final loss {report['final_loss']:.4f}, "
+          f"{report['seconds']:.0f} s (checkpoints in {run_dir})")
+    return 0

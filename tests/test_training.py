@@ -1,0 +1,204 @@
+"""Time-decoupled training: timestep ranges, data regimes, loss going down, checkpoints, exact resume, the CLI."""
+from __future__ import annotations
+
+import io
+
+import mindspore as ms
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from diffusion import runtime, synthetic
+from diffusion.config import tiny_config
+from diffusion.model import PanGuDraw
+from diffusion.tiny import build_random_model
+from diffusion.training import (
+    DiffusionLoss, DiffusionTrainConfig, DiffusionTrainer, ImageTextSet, OptimConfig, VAETrainConfig, VAETrainer,
+    latest_checkpoint,
+)
+from diffusion.training.diffusion_trainer import sample_timesteps
+from diffusion.training.vae_trainer import VAELoss
+from jobs import cli
+
+runtime.configure("cpu")
+
+
+@pytest.fixture(scope="module")
+def table():
+    rows = list(synthetic.generate_rows(synthetic.SyntheticConfig(num_images=40, seed=11)))
+    return pa.Table.from_pylist(rows)
+
+
+@pytest.fixture(scope="module")
+def data(table):
+    return ImageTextSet.from_table(table)
+
+
+@pytest.fixture(scope="module")
+def monolithic_dir(tmp_path_factory):
+    return build_random_model(tmp_path_factory.mktemp("mono") / "model",
+                              config=tiny_config("tiny-mono", monolithic=True), seed=0)
+
+
+def _fresh(model_dir):
+    return PanGuDraw.load(model_dir, batch_invariant=False)
+
+
+def _cfg(mode, **kw):
+    base = dict(mode=mode, steps=4, batch_size=4, checkpoint_every=2, log_every=1,
+                optim=OptimConfig(learning_rate=2e-3, warmup_steps=1))
+    base.update(kw)
+    return DiffusionTrainConfig(**base)
+
+
+def test_timestep_sampler_stays_in_its_range():
+    rng = np.random.default_rng(0)
+    s = sample_timesteps(rng, "structure", 500, 1000, 20000)
+    t = sample_timesteps(rng, "texture", 500, 1000, 20000)
+    m = sample_timesteps(rng, "monolithic", 500, 1000, 20000)
+    assert s.min() == 500 and s.max() == 999
+    assert t.min() == 0 and t.max() == 499
+    assert m.min() == 0 and m.max() == 999
+
+
+def test_each_trainer_draws_only_its_timesteps_and_its_data(tiny_model_dir, monolithic_dir, data, tmp_path):
+    structure = DiffusionTrainer(_fresh(tiny_model_dir), data, _cfg("structure"), tmp_path / "s")
+    texture = DiffusionTrainer(_fresh(tiny_model_dir), data, _cfg("texture"), tmp_path / "t")
+    mono = DiffusionTrainer(_fresh(monolithic_dir), data, _cfg("monolithic"), tmp_path / "m")
+    seen = {}
+    for name, trainer in (("structure", structure), ("texture", texture), ("monolithic", mono)):
+        ts = np.concatenate([trainer.make_batch(k).inputs[4] for k in range(40)])
+        seen[name] = ts
+    assert seen["structure"].min() >= 500 and seen["structure"].max() < 1000
+    assert seen["texture"].max() < 500 and seen["texture"].min() >= 0
+    assert seen["monolithic"].min() < 500 <= seen["monolithic"].max()
+    # Structure: every image, low-resolution ones included; texture and monolithic: full-resolution only.
+    s_use, t_use, m_use = structure.data_usage(), texture.data_usage(), mono.data_usage()
+    assert s_use["rows_used"] == len(data) and s_use["low_resolution_used"] > 0
+    assert t_use["rows_used"] == m_use["rows_used"] < len(data) and t_use["low_resolution_used"] == 0
+    # Texture batches are 8x8 latent crops; structure batches are whole latents of one bucket.
+    assert texture.make_batch(0).inputs[0].shape[2:] == (8, 8)
+    shapes = {structure.make_batch(k).inputs[0].shape[2:] for k in range(12)}
+    assert shapes <= {(16, 16), (20, 12), (12, 20)} and len(shapes) >= 2
+    # Texture keeps the text encoders frozen; structure trains them with its UNet.
+    assert set(texture.loop.nets) == {"texture_unet"}
+    assert set(structure.loop.nets) == {"structure_unet", "text_encoder_1", "text_encoder_2"}
+
+
+def _loss(model, unet_name, batch):
+    cell = DiffusionLoss(model.nets[unet_name], model.nets["text_encoder_1"], model.nets["text_encoder_2"])
+    return float(cell(*(ms.Tensor(a) for a in batch.inputs)).asnumpy())
+
+
+def test_training_lowers_the_loss_and_writes_a_loadable_model(tiny_model_dir, data, tmp_path):
+    model = _fresh(tiny_model_dir)
+    config = _cfg("structure", steps=16, batch_size=4, checkpoint_every=8, log_every=4, ema_decay=0.0,
+                  caption_dropout=0.0, style_trigger_rate=0.0, optim=OptimConfig(learning_rate=3e-3, warmup_steps=1))
+    trainer = DiffusionTrainer(model, data, config, tmp_path / "run")
+    batches = [trainer.make_batch(k) for k in range(3)]
+    before = [_loss(model, "structure_unet", b) for b in batches]
+    rows = trainer.train()
+    trainer.finish()
+    after = [_loss(model, "structure_unet", b) for b in batches]
+    # A random tiny UNet starts at about E[eps^2] = 1; a few steps already move every fixed batch's loss down.
+    assert all(a < b for a, b in zip(after, before)) and np.mean(after) < 0.96 * np.mean(before), (before, after)
+    assert [r["step"] for r in rows] == [4, 8, 12, 16]
+    assert rows[-1]["images_seen"] == 16 * 4 and all(np.isfinite(r["loss"]) for r in rows)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 4
+    assert latest_checkpoint(tmp_path / "run").name == "step-0000016"
+    model.save(tmp_path / "out", trained=True)
+    loaded = _fresh(tmp_path / "out")
+    ema = trainer.loop.ema_state("structure_unet")
+    loaded_params = {n: p.asnumpy() for n, p in loaded.nets["structure_unet"].parameters_and_names()}
+    assert ema.keys() <= loaded_params.keys()
+    for name, value in ema.items():
+        np.testing.assert_array_equal(loaded_params[name], value)
+    assert _loss(loaded, "structure_unet", batches[0]) == pytest.approx(after[0], rel=1e-5)
+
+
+def test_a_stopped_run_resumes_to_the_same_weights(tiny_model_dir, data, tmp_path):
+    config = _cfg("texture", steps=4, batch_size=4, checkpoint_every=2, ema_decay=0.9)
+    straight = DiffusionTrainer(_fresh(tiny_model_dir), data, config, tmp_path / "a")
+    straight.train()
+    first = DiffusionTrainer(_fresh(tiny_model_dir), data, config, tmp_path / "b")
+    first.train(stop_after=2)
+    assert first.loop.step == 2 and latest_checkpoint(tmp_path / "b").name == "step-0000002"
+    resumed = DiffusionTrainer(_fresh(tiny_model_dir), data, config, tmp_path / "b")
+    resumed.train()
+    assert resumed.loop.step == 4
+    a, b = straight.loop.state(), resumed.loop.state()
+    assert a.keys() == b.keys() and len(a) > 10
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    # A run directory started with other settings is refused, not silently mixed.
+    other = DiffusionTrainer(_fresh(tiny_model_dir), data, config.model_copy(update={"batch_size": 8}),
+                             tmp_path / "b")
+    with pytest.raises(Exception, match="batch_size"):
+        other.train()
+
+
+def test_vae_training_lowers_reconstruction_loss(tiny_model_dir, data, tmp_path):
+    model = _fresh(tiny_model_dir)
+    config = VAETrainConfig(steps=25, batch_size=8, crop=16, log_every=5, checkpoint_every=25, ema_decay=0.0,
+                            optim=OptimConfig(learning_rate=3e-3, warmup_steps=1))
+    trainer = VAETrainer(model, data, config, tmp_path / "vae")
+    batch = trainer.make_batch(0)
+    cell = VAELoss(model.nets["vae"], 0.0)
+    zeros = np.zeros_like(batch.inputs[1])
+    before = float(cell(ms.Tensor(batch.inputs[0]), ms.Tensor(zeros)).asnumpy())
+    trainer.train()
+    trainer.finish()
+    after = float(cell(ms.Tensor(batch.inputs[0]), ms.Tensor(zeros)).asnumpy())
+    assert after < 0.7 * before, (before, after)
+
+
+def test_cli_trains_a_stage_from_s3_data(tiny_model_dir, table, s3_bucket, tmp_path, capsys):
+    import boto3
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=s3_bucket, Key="data/part-0.parquet", Body=buf.getvalue())
+    s3.put_object(Bucket=s3_bucket, Key="data/part-1.parquet", Body=buf.getvalue())
+    out = tmp_path / "texture-model"
+    code = cli.main(["train", "unet", "--mode", "texture", "--data", f"s3://{s3_bucket}/data/",
+                     "--model", str(tiny_model_dir), "--out", str(out), "--steps", "2", "--batch-size", "4",
+                     "--checkpoint-every", "2"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "model.json").is_file() and (out / "training.json").is_file()
+    assert "trained for 2 steps" in capsys.readouterr().out
+    assert latest_checkpoint(tmp_path / "texture-model.run").name == "step-0000002"
+    loaded = _fresh(out)
+    before = _fresh(tiny_model_dir)
+    changed = [n for n, p in loaded.nets["texture_unet"].parameters_and_names()
+               if not np.array_equal(p.asnumpy(), dict(before.nets["texture_unet"].parameters_and_names())[n].asnumpy())]
+    unchanged = all(np.array_equal(p.asnumpy(), dict(before.nets["structure_unet"].parameters_and_names())[n].asnumpy())
+                    for n, p in loaded.nets["structure_unet"].parameters_and_names())
+    assert changed and unchanged
+
+
+def test_cli_errors_are_clear(tiny_model_dir, tmp_path, capsys):
+    missing = tmp_path / "nope.parquet"
+    code = cli.main(["train", "unet", "--mode", "structure", "--data", str(missing), "--model", str(tiny_model_dir),
+                     "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(missing) in err and "Traceback" not in err
+    pq.write_table(pa.table({"caption": ["a red circle"]}), tmp_path / "noimg.parquet")
+    code = cli.main(["train", "unet", "--mode", "structure", "--data", str(tmp_path / "noimg.parquet"),
+                     "--model", str(tiny_model_dir), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "image column" in err
+    code = cli.main(["train", "vae", "--data", str(tmp_path / "noimg.parquet"), "--model", str(tmp_path),
+                     "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.json" in err
+
+
+def test_cli_writes_the_synthetic_data_set(tmp_path, capsys):
+    out = tmp_path / "d.parquet"
+    assert cli.main(["train", "data", "--out", str(out), "--images", "12", "--seed", "4"]) == 0
+    table = pq.read_table(out)
+    assert table.num_rows == 12
+    expected = list(synthetic.generate_rows(synthetic.SyntheticConfig(num_images=12, seed=4)))
+    assert table.column("caption_zh").to_pylist() == [r["caption_zh"] for r in expected]
