@@ -2,9 +2,10 @@
 
 `open_manifest` does every check that can stop a job (no file, unreadable file, no `prompt` column, wrong column
 types, files whose columns disagree) from the Parquet footers and the `row_id` column alone, finds duplicate
-row ids across all files, and lists the helper models that Coop-Diffusion rows name (`helper_model`). `ManifestDatasource` then streams the rows through Ray Data, each row tagged with its
-file and position (a row without an id gets a stable one from both), and `ValidateStage` turns rows into units:
-one per image to make, or one `invalid` unit with the reason.
+row ids across all files, and lists the helper models that Coop-Diffusion rows name (`helper_model`).
+`ManifestDatasource` then streams the rows through Ray Data, each row tagged with its file and position (a row
+without an id gets a stable one from both), and `ValidateStage` turns rows into units: one per image to make, or
+one `invalid` unit with the reason.
 """
 from __future__ import annotations
 

@@ -524,6 +524,11 @@ def _summary(spec: JobSpec, tally: _Tally, final: pa.Table | None, placement: Pl
     images_per_s = ok / wall if wall > 0 else 0.0
     model_seconds = sum(per_image.get(stage, 0.0) for stage in MODEL_STAGES)
     ceiling = placement.devices / model_seconds if placement and model_seconds > 0 else None
+    if fusion_actors and placement and ok:
+        # Plain and fused rows take different stages: the ceiling is all model devices over the device-seconds
+        # the images of this run took, whichever path they went.
+        spent = sum(tally.stage_seconds[stage] for stage in (*MODEL_STAGES, "fusion"))
+        ceiling = (placement.devices + fusion_actors) / (spent / ok) if spent > 0 else None
     return JobSummary(
         job_id=spec.job_id, output_uri=spec.output, total=ok + failed + invalid + max(recorded - len(tally.keys), 0),
         ok=ok, invalid=invalid, failed=failed, skipped_existing=max(recorded - len(tally.keys), 0),

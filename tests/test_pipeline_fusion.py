@@ -27,7 +27,8 @@ from jobs.run_cmd import register, spec_from_args
 from schemas.job import JobSpec
 from schemas.manifest import GenerationDefaults
 from storage import open_store
-from test_pipeline import DEFAULTS, PROMPTS, STEPS, load_results, make_spec, ray_session, snapshot  # noqa: F401
+# ray_session is the fixture of test_pipeline.py: one local Ray for this module.
+from test_pipeline import PROMPTS, STEPS, load_results, make_spec, ray_session, snapshot  # noqa: F401
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -310,7 +311,8 @@ def test_fusion_actors_from_spec_flag_and_manifest(tmp_path):
     register(parser.add_subparsers())
     spec = spec_from_args(parser.parse_args(["run", "m.parquet", "--fusion-actors", "3"]))
     assert spec.stages.actors.fusion == 3
-    pq.write_table(pa.table({"prompt": ["a", "b"], "helper_model": [None, "builtin:tiny-sd15"]}), tmp_path / "m.parquet")
+    pq.write_table(pa.table({"prompt": ["a", "b"], "helper_model": [None, "builtin:tiny-sd15"]}),
+                   tmp_path / "m.parquet")
     manifest = open_manifest(str(tmp_path / "m.parquet"))
     assert (manifest.fused_pending, manifest.helper_models) == (1, {"builtin:tiny-sd15"})
     assert fusion_actor_count(spec, manifest) == 3
