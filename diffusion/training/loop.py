@@ -70,7 +70,7 @@ class TrainingLoop:
     """Optimises the parameters of `nets` to lower `loss_cell(*batch.inputs)`; see the module docstring."""
 
     def __init__(self, run_dir: str | Path, config: LoopConfig, nets: dict[str, nn.Cell], loss_cell: nn.Cell,
-                 *, describe: dict | None = None):
+                 *, describe: dict | None = None, rebuild_every: int | None = None):
         self.run_dir = Path(run_dir)
         self.config = config
         self.nets = nets
@@ -111,6 +111,12 @@ class TrainingLoop:
         if config.precision == "fp16":
             self.loss_scale = Parameter(ms.Tensor(np.float32(2.0**12)), name="loss_scale", requires_grad=False)
         self.ema = {name: p.asnumpy().astype(np.float32).copy() for name, p in self.named}
+        # MindSpore 2.10 on CPU stops making progress on the 18th launch of the VAE's compiled training step (one
+        # kernel thread spins; the same graph recompiled runs on). Such a trainer asks for a fresh compiled step
+        # every `rebuild_every` optimizer steps, which costs one compile each time.
+        self.rebuild_every = rebuild_every
+        self._network = network
+        self._launches = 0
         self._build_steps(network)
 
     # ------------------------------------------------------------------ graph-mode steps
@@ -179,6 +185,10 @@ class TrainingLoop:
             self._apply = apply_accumulated
 
     def _optimizer_step(self, batches: list[Batch]) -> tuple[float, bool]:
+        if self.rebuild_every and self._launches >= self.rebuild_every:
+            self._build_steps(self._network)
+            self._launches = 0
+        self._launches += 1
         if self.config.grad_accum == 1:
             loss, finite = self._train_step(_inputs(batches[0].inputs))
             return float(loss.asnumpy()), bool(finite.asnumpy())

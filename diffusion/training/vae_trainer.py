@@ -39,6 +39,10 @@ class VAELoss(nn.Cell):
         return rec_loss + self.kl_weight * kl
 
 
+# See TrainingLoop: a fresh compiled VAE training step after this many launches (below the 18 that stall).
+VAE_REBUILD_EVERY = 16
+
+
 class VAETrainer:
     """Trains `model.nets["vae"]` in place on random crops of the data set's full-resolution images."""
 
@@ -60,7 +64,7 @@ class VAETrainer:
         self.order = BatchOrder({0: np.arange(len(self.images))}, config.batch_size, config.seed)
         loss = VAELoss(model.nets["vae"], config.kl_weight)
         self.loop = TrainingLoop(self.run_dir, config, {"vae": model.nets["vae"]}, loss,
-                                 describe={"trainer": "vae", "images": len(self.images)})
+                                 describe={"trainer": "vae", "images": len(self.images)}, rebuild_every=VAE_REBUILD_EVERY)
 
     def make_batch(self, micro_step: int) -> Batch:
         c = self.config.crop
