@@ -61,7 +61,8 @@ class GroupNorm32(nn.Cell):
         per_group = c // groups
         rows = ops.reshape(x.astype(ms.float32), (b * groups, -1))
         width = rows.shape[1]
-        averager = ops.ones((width, 1), ms.float32) / width
+        # A float32 constant: dividing by the Python int `width` gave a float64 averager at large widths (131072).
+        averager = ops.full((width, 1), 1.0 / width, dtype=ms.float32)
         centred = rows - ops.matmul(rows, averager)
         var = ops.matmul(centred * centred, averager)
         scale = ops.reshape(ops.rsqrt(var + self.eps), (b, groups, 1, 1)) * ops.reshape(

@@ -78,5 +78,7 @@ class VAETrainConfig(LoopConfig):
 
     crop: int = Field(32, ge=8)
     kl_weight: float = Field(1e-6, ge=0)
+    # Decode a drawn z (True) or the posterior mean (False; see VAELoss).
+    sample_posterior: bool = False
     low_resolution_area: float = Field(0.6, gt=0, le=1)
     caption_columns: tuple[str, ...] | None = None

@@ -20,19 +20,24 @@ log = logging.getLogger(__name__)
 
 
 class VAELoss(nn.Cell):
-    """mean |decode(z) - x| + kl_weight * KL(q(z|x) || N(0, I)), with z drawn by the reparameterisation trick.
+    """mean |decode(z) - x| + kl_weight * KL(q(z|x) || N(0, I)), the KL summed over a latent's elements and averaged
+    over the batch, as in LDM.
 
-    The KL term is summed over a latent's elements and averaged over the batch, as in LDM.
+    With `sample_posterior` z is drawn by the reparameterisation trick; without it z is the posterior mean. At a
+    few hundred steps the drawn z fails: the posterior starts at unit variance, the noise drowns the mean, and the
+    decoder learns only two or three colours of the synthetic palette before the variance comes down. The
+    generators read the posterior mean (`PanGuDraw.encode_images`), so the mean is what must reconstruct.
     """
 
-    def __init__(self, vae: nn.Cell, kl_weight: float):
+    def __init__(self, vae: nn.Cell, kl_weight: float, sample_posterior: bool = False):
         super().__init__()
         self.vae = vae
         self.kl_weight = kl_weight
+        self.sample_posterior = sample_posterior
 
     def construct(self, images, noise):
         mean, logvar = self.vae.encode(images)
-        z = mean + ops.exp(0.5 * logvar) * noise
+        z = mean + ops.exp(0.5 * logvar) * noise if self.sample_posterior else mean
         recon = self.vae.decode(z)
         rec_loss = ops.mean(ops.abs(recon - images))
         kl = 0.5 * ops.sum(ops.square(mean) + ops.exp(logvar) - 1.0 - logvar) / images.shape[0]
@@ -62,7 +67,7 @@ class VAETrainer:
         self.latent_channels = vae_cfg.embed_dim
         self.factor = vae_cfg.downsample_factor
         self.order = BatchOrder({0: np.arange(len(self.images))}, config.batch_size, config.seed)
-        loss = VAELoss(model.nets["vae"], config.kl_weight)
+        loss = VAELoss(model.nets["vae"], config.kl_weight, config.sample_posterior)
         self.loop = TrainingLoop(self.run_dir, config, {"vae": model.nets["vae"]}, loss,
                                  describe={"trainer": "vae", "images": len(self.images)}, rebuild_every=VAE_REBUILD_EVERY)
 
