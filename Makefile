@@ -16,8 +16,9 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/pangudraw run examples/prompts.parquet
 
+# Two workers, each taking whole test files (module fixtures such as a test file's Ray session stay in one process).
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) outputs

@@ -1,23 +1,10 @@
 """Shared fixtures. S3 tests talk to moto's S3 server over real HTTP on 127.0.0.1."""
 from __future__ import annotations
 
-import atexit
-import os
-import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 
 import pytest
-
-# One MindSpore compile cache for the whole session, set before MindSpore is imported: every test process and every
-# Ray worker it starts (they inherit the environment) reuses the graphs compiled for the same network and shapes,
-# instead of compiling each again (about 20 s per tiny model on 2 cores, 2-4 s from the cache).
-if "MS_COMPILER_CACHE_PATH" not in os.environ:
-    _cache = tempfile.mkdtemp(prefix="pangudraw-test-mscache-")
-    os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
-    os.environ["MS_COMPILER_CACHE_PATH"] = _cache
-    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 # Fake credentials: tests assert that these strings never leak into reprs, logs or messages.
 FAKE_ACCESS_KEY_ID = "AKIAFAKETESTKEY12345"
