@@ -16,9 +16,9 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/pangudraw run examples/prompts.parquet
 
-# Two workers, each taking whole test files (module fixtures such as a test file's Ray session stay in one process).
+# Two workers; tests/conftest.py groups the tests by file, and the files that start Ray clusters into one group.
 test: venv
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 clean:
 	rm -rf $(VENV) outputs
