@@ -16,9 +16,9 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/pangudraw run examples/prompts.parquet
 
-# Two workers; tests/conftest.py groups the tests by file, and the files that start Ray clusters into one group.
+# Two workers, each taking whole test files (a file's module fixtures, such as its Ray session, stay in one process).
 test: venv
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) outputs

@@ -68,15 +68,3 @@ def tiny_model_dir(tmp_path_factory):
 
     return build_random_model(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
 
-
-# Test files that start Ray clusters of model actors run one after another in the same xdist worker (`make test`
-# runs two workers with --dist loadgroup): two of them at once on a 2-core machine starve each other's actors, and
-# the node-loss test depends on its job still running when the node leaves. Every other file is its own group, so
-# a file's module fixtures (a loaded model, a Ray session) are built once.
-RAY_CLUSTER_FILES = {"test_pipeline.py", "test_pipeline_fusion.py", "test_multinode.py", "test_submission.py"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("ray-clusters" if name in RAY_CLUSTER_FILES else name))
