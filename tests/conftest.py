@@ -67,4 +67,3 @@ def tiny_model_dir(tmp_path_factory):
     from diffusion.tiny import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
-
