@@ -19,7 +19,16 @@ _NORM_EPS = 1e-6
 _LOGVAR_MIN, _LOGVAR_MAX = -30.0, 20.0
 
 
-def _norm(channels: int, groups: int, dtype: ms.Type) -> GroupNorm32:
+class _NoNorm(nn.Cell):
+    """Stands in for a group norm when `VAEConfig.norm_groups` is 0 (no parameters, returns its input)."""
+
+    def construct(self, x):
+        return x
+
+
+def _norm(channels: int, groups: int, dtype: ms.Type) -> nn.Cell:
+    if groups == 0:
+        return _NoNorm()
     return GroupNorm32(groups, channels, eps=_NORM_EPS, dtype=dtype)
 
 
