@@ -169,3 +169,32 @@ def test_float16_weights_decode_close_to_float32():
     ref, half = vae32.decode(z).asnumpy(), vae16.decode(z)
     assert half.dtype == ms.float32
     np.testing.assert_allclose(half.asnumpy(), ref, atol=0.03)
+
+
+def test_patch_mean_init_makes_an_exact_patch_mean_autoencoder():
+    """The shipped VAE's starting point: decode(encode(x)) is x averaged over f x f patches, for any colours."""
+    from diffusion.training.vae_trainer import patch_mean_init
+
+    cfg = tiny_config().vae.model_copy(update={"norm_groups": 0, "mid_attention": False})
+    ms.set_seed(3)
+    vae = AutoencoderKL(cfg)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (2, 3, 16, 24)).astype(np.float32)
+    mean_before, _ = vae.encode(ms.Tensor(x))
+    patch_mean_init(vae)
+    mean, _ = vae.encode(ms.Tensor(x))
+    f = cfg.downsample_factor
+    pooled = x.reshape(2, 3, 16 // f, f, 24 // f, f).mean(axis=(3, 5))
+    # Latent channels 0-2 hold the patch means; channel 3 keeps random weights (something for training to use).
+    np.testing.assert_allclose(mean.asnumpy()[:, :3], pooled, atol=1e-5)
+    assert np.abs(mean.asnumpy()[:, 3]).max() > 1e-3
+    recon = vae.decode(mean).asnumpy()
+    np.testing.assert_allclose(recon, np.repeat(np.repeat(pooled, f, axis=2), f, axis=3), atol=1e-5)
+    assert not np.allclose(mean_before.asnumpy()[:, :3], pooled, atol=0.05)
+
+
+def test_patch_mean_init_refuses_a_vae_with_norms():
+    from diffusion.training.vae_trainer import patch_mean_init
+
+    with pytest.raises(ValueError, match="norm_groups 0"):
+        patch_mean_init(AutoencoderKL(tiny_config().vae))
