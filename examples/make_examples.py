@@ -18,28 +18,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# Four aspect ratios (one row asks for 512x512, which the tiny model snaps to its square bucket) and three styles,
-# each row with three guidance branches, so the demo compiles few graph shapes.
+# Prompts in the words the shipped tiny model was trained on (diffusion.synthetic: shapes, palette colours, fill
+# patterns, backgrounds) in English, Chinese and mixed text; the aspect ratios it was trained at (1:1, 5:3, 3:5),
+# one 16:9 row that snaps to 5:3 and one 512x512 row that snaps to its square bucket; three style controls and a
+# negative prompt; each row with three guidance branches, so the demo compiles few graph shapes.
 # (row_id, prompt, negative_prompt, aspect, width, height, anime, photography, aesthetic, steps, seed, category)
 ROWS = [
-    ("en-cat", "a cat sleeping on a sofa, soft morning light", "", "1:1", None, None, 0.0, 0.0, 4.0, 20, 1,
-     "animals"),
-    ("en-lake", "a photo of a mountain lake at sunrise", "blurry, low quality", "16:9", None, None, 0.0, 3.0, 0.0,
-     20, 2, "landscape"),
-    ("en-house", "a small blue house with a red door", "", "4:3", None, None, 0.0, 0.0, 4.0, 20, 3, "architecture"),
-    ("en-girl", "anime style girl with long hair, cherry blossoms", "", "9:16", None, None, 4.0, 0.0, 0.0, 20, 4,
-     "people"),
-    ("en-star", "a purple checked star on a white background", "", None, 512, 512, 0.0, 0.0, 4.0, 20, 5, "shapes"),
-    ("zh-shanshui", "山水画，远山，薄雾，小船", "", "16:9", None, None, 0.0, 0.0, 4.0, 20, 6, "landscape"),
-    ("zh-cat", "一只橘猫坐在窗台上", "模糊", "1:1", None, None, 0.0, 3.0, 0.0, 20, 7, "animals"),
-    ("zh-circle", "蓝色背景上的红色圆形", "", "4:3", None, None, 0.0, 0.0, 4.0, 20, 8, "shapes"),
-    ("zh-city", "夜晚的城市街道，霓虹灯", "", "9:16", None, None, 0.0, 2.0, 0.0, 20, 9, "city"),
-    ("mix-house", "山水画 landscape painting with a small house, 小房子", "", "16:9", None, None, 0.0, 0.0, 4.0, 20,
-     10, "landscape"),
-    ("mix-girl", "一个女孩 a girl in a red dress, anime style", "", "9:16", None, None, 3.0, 0.0, 0.0, 20, 11,
-     "people"),
-    ("mix-tea", "一杯绿茶 a cup of green tea on a wooden table, 摄影", "", "4:3", None, None, 0.0, 3.0, 0.0, 20, 12,
-     "food"),
+    ("en-circle", "a red striped circle on a blue background", "", "1:1", None, None, 0.0, 0.0, 4.0, 20, 1,
+     "circle"),
+    ("en-star", "a yellow solid star on a purple background", "blurry", "5:3", None, None, 0.0, 3.0, 0.0, 20, 2,
+     "star"),
+    ("en-square", "a large white checked square on a black background", "", "3:5", None, None, 0.0, 0.0, 4.0,
+     20, 3, "square"),
+    ("en-triangle", "a green dotted triangle on an orange background", "", "16:9", None, None, 3.0, 0.0, 0.0, 20,
+     4, "triangle"),
+    ("en-512", "a purple checked star on a white background", "", None, 512, 512, 0.0, 0.0, 4.0, 20, 5, "star"),
+    ("zh-circle", "蓝色背景上的红色圆形", "", "1:1", None, None, 0.0, 0.0, 4.0, 20, 6, "circle"),
+    ("zh-star", "紫色背景上的黄色纯色星形", "模糊", "5:3", None, None, 0.0, 3.0, 0.0, 20, 7, "star"),
+    ("zh-square", "黑色背景上的白色格子正方形", "", "3:5", None, None, 0.0, 0.0, 4.0, 20, 8, "square"),
+    ("zh-triangle", "橙色背景上左边的大号绿色圆点三角形", "", "1:1", None, None, 2.0, 0.0, 0.0, 20, 9,
+     "triangle"),
+    ("mix-circle", "蓝色背景上的 red 条纹圆形", "", "5:3", None, None, 0.0, 0.0, 4.0, 20, 10, "circle"),
+    ("mix-star", "a yellow 纯色 star on a 紫色 background", "", "3:5", None, None, 3.0, 0.0, 0.0, 20, 11, "star"),
+    ("mix-square", "黑色背景上的 white 格子正方形", "", "1:1", None, None, 0.0, 3.0, 0.0, 20, 12, "square"),
 ]
 
 COLUMNS = ["row_id", "prompt", "negative_prompt", "aspect", "width", "height", "anime_scale", "photography_scale", "aesthetic_scale",

@@ -54,7 +54,7 @@ class TinyModelRecipe(BaseModel):
         optim=OptimConfig(learning_rate=1e-4, warmup_steps=20),
     )
     structure: DiffusionTrainConfig = DiffusionTrainConfig(
-        mode="structure", steps=1000, batch_size=32, checkpoint_every=100, log_every=25,
+        mode="structure", steps=1600, batch_size=32, checkpoint_every=100, log_every=25,
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=100),
     )
     texture: DiffusionTrainConfig = DiffusionTrainConfig(
