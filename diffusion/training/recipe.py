@@ -219,7 +219,7 @@ def train_vae_stage(base_model_dir: str | Path, data: ImageTextSet, config: VAET
                     out_dir: str | Path) -> dict:
     """Train the VAE of the model at `base_model_dir`, refit its latent scale factor, save `out_dir`."""
     from diffusion.model import PanGuDraw
-    from diffusion.training.vae_trainer import VAETrainer, fit_scale_factor, patch_mean_init, reconstruction_psnr
+    from diffusion.training.vae_trainer import VAETrainer, fit_scale_factor, reconstruction_psnr
 
     t0 = time.perf_counter()
     model = PanGuDraw.load(base_model_dir, batch_invariant=False)

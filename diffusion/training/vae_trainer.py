@@ -73,6 +73,10 @@ def patch_mean_init(vae) -> None:
     def current(conv):
         return conv.weight.asnumpy().astype(np.float32).copy(), conv.bias.asnumpy().astype(np.float32).copy()
 
+    def zero(conv):
+        w, b = current(conv)
+        put(conv, np.zeros_like(w), np.zeros_like(b))
+
     def channel_diagonal(conv, taps: dict[tuple[int, int], float]):
         w, b = current(conv)
         w[:] = 0.0
@@ -83,13 +87,11 @@ def patch_mean_init(vae) -> None:
 
     for _, cell in vae.cells_and_names():
         if isinstance(cell, vae_mod._ResnetBlock):
-            w, b = current(cell.conv2)
-            put(cell.conv2, np.zeros_like(w), np.zeros_like(b))
+            zero(cell.conv2)
             if cell.has_shortcut:
                 channel_diagonal(cell.nin_shortcut, {(0, 0): 1.0})
         elif isinstance(cell, vae_mod._SpatialSelfAttention):
-            w, b = current(cell.proj_out)
-            put(cell.proj_out, np.zeros_like(w), np.zeros_like(b))
+            zero(cell.proj_out)
         elif isinstance(cell, vae_mod._Downsample):
             channel_diagonal(cell.conv, {(0, 0): 0.25, (0, 1): 0.25, (1, 0): 0.25, (1, 1): 0.25})
         elif isinstance(cell, vae_mod._Upsample):
