@@ -1,6 +1,7 @@
 """`pangudraw train ...`: the synthetic data set, the shipped tiny model's recipe, and single training stages.
 
     pangudraw train tiny                      # reproduce the shipped tiny model (data, VAE, structure, texture)
+    pangudraw train helpers                   # reproduce the shipped Coop-Diffusion helpers (tiny-lowres, tiny-sd15)
     pangudraw train data --out data.parquet   # the synthetic bilingual data set alone
     pangudraw train unet --mode structure --data data.parquet --model BASE_DIR --out OUT_DIR --steps 1200
     pangudraw train vae --data s3://bucket/data/ --model BASE_DIR --out OUT_DIR
@@ -35,6 +36,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     tiny.add_argument("--scale", type=float, default=1.0,
                       help="multiply every stage's steps by this (a quick look: 0.1)")
     tiny.set_defaults(func=run_tiny)
+
+    helpers = tsub.add_parser("helpers", help="reproduce the shipped Coop-Diffusion helper models "
+                                              "(tiny-lowres, tiny-sd15) on the tiny model's text encoders")
+    helpers.add_argument("--out", default=None,
+                         help="folder to write the helpers' model directories into (default: diffusion/shipped/ in "
+                              "this checkout)")
+    helpers.add_argument("--work", default="work/helpers",
+                         help="data, checkpoints and report (default: %(default)s); running again continues from it")
+    helpers.add_argument("--base", default=None,
+                         help="model directory whose tokenizers, text encoders (and VAE, for tiny-lowres) the "
+                              "helpers use (default: the shipped tiny model)")
+    helpers.add_argument("--only", choices=["tiny-lowres", "tiny-sd15"], action="append", default=None,
+                         help="train only this helper (may be repeated)")
+    helpers.add_argument("--scale", type=float, default=1.0,
+                         help="multiply every stage's steps by this (a quick look: 0.1)")
+    helpers.set_defaults(func=run_helpers)
 
     data = tsub.add_parser("data", help="write the synthetic bilingual data set as Parquet")
     data.add_argument("--out", required=True, help="Parquet file to write")
@@ -136,6 +153,32 @@ def run_tiny(args: argparse.Namespace) -> int:
     for name in ("data", "vae", "structure", "texture"):
         if name in stages:
             print(f"  {name:9s} {stages[name]['seconds']:7.1f} s")
+    return 0
+
+
+def run_helpers(args: argparse.Namespace) -> int:
+    from diffusion.training.helpers import HELPER_NAMES, HelperRecipe, build_helpers
+
+    recipe = HelperRecipe()
+    if args.scale != 1.0:
+        if args.scale <= 0:
+            raise UserError("--scale must be above 0")
+        updates = {}
+        for stage in ("vae", "unet"):
+            cfg = getattr(recipe, stage)
+            steps = max(1, int(round(cfg.steps * args.scale)))
+            updates[stage] = cfg.model_copy(update={
+                "steps": steps, "checkpoint_every": max(1, min(cfg.checkpoint_every, steps)),
+                "log_every": max(1, min(cfg.log_every, steps // 5 or 1))})
+        recipe = recipe.model_copy(update=updates)
+    if args.base is not None and not (Path(args.base) / "model.json").is_file():
+        raise UserError(f"--base {args.base}: not a model directory (no model.json)")
+    names = tuple(args.only) if args.only else HELPER_NAMES
+    report = build_helpers(args.out, args.work, base_model_dir=args.base, names=names, recipe=recipe)
+    for name in names:
+        entry = report["helpers"].get(name, {})
+        secs = sum(entry[k]["seconds"] for k in ("vae", "unet") if k in entry)
+        print(f"{entry.get('out', name)}: {name} written ({secs:.1f} s of training)")
     return 0
 
 

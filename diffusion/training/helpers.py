@@ -1,0 +1,151 @@
+"""The recipe of the shipped Coop-Diffusion helper models, trained on the tiny model's synthetic data.
+
+    tiny-lowres  the shipped model's latent space (its VAE) at half the side: 32x32 square bucket (bucket scale
+                 1/16), one monolithic UNet for every timestep; the low-resolution partner of one-stage
+                 super-resolution and the resolution bridge
+    tiny-sd15    another latent space: an f=8 VAE (8x8 latents at 64x64 where the shipped model has 16x16), started
+                 as an exact 8x8 patch-mean autoencoder and fine-tuned, its own latent scale, one monolithic UNet
+
+Both take their tokenizers and text encoders from the base model (the shipped tiny model by default) and keep them
+frozen, so a helper reads a prompt the way the primary does. Each stage writes a model directory and is skipped when
+it exists; a stage stopped midway resumes from its last checkpoint (`pangudraw train helpers` again continues).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from diffusion.config import ModelConfig
+from diffusion.training.config import DiffusionTrainConfig, OptimConfig, VAETrainConfig
+
+log = logging.getLogger(__name__)
+
+HELPER_NAMES = ("tiny-lowres", "tiny-sd15")
+
+
+def shipped_helper_dir(name: str) -> Path:
+    """Where a shipped helper lives in the package (beside the shipped tiny model)."""
+    if name not in HELPER_NAMES:
+        raise ValueError(f"unknown helper {name!r}; shipped helpers: {', '.join(HELPER_NAMES)}")
+    return Path(__file__).resolve().parent.parent / "shipped" / name
+
+
+def helper_config(name: str, base: ModelConfig) -> ModelConfig:
+    """A helper's architecture: the base's text encoders and UNet layout, monolithic, at its own size or VAE."""
+    cfg = base.model_copy(update={"name": name, "monolithic": True})
+    if name == "tiny-lowres":
+        return cfg.model_copy(update={"bucket_scales": tuple(s / 2 for s in base.bucket_scales)})
+    if name == "tiny-sd15":
+        vae = base.vae.model_copy(update={"ch_mult": (*base.vae.ch_mult, base.vae.ch_mult[-1]), "scale_factor": 1.0})
+        return cfg.model_copy(update={"vae": vae})
+    raise ValueError(f"unknown helper {name!r}; shipped helpers: {', '.join(HELPER_NAMES)}")
+
+
+class HelperRecipe(BaseModel):
+    """Every setting of the shipped helpers' training; the defaults are what produced the shipped weights."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # The f=8 VAE of tiny-sd15 (from its patch-mean start; 32x32 crops are 4x4 latents).
+    vae: VAETrainConfig = VAETrainConfig(
+        steps=100, batch_size=16, crop=32, checkpoint_every=50, log_every=25,
+        optim=OptimConfig(learning_rate=1e-4, warmup_steps=20),
+    )
+    # One UNet over every timestep, text encoders frozen. EMA over ~200 steps: with 0.999 the shipped structure
+    # generator's EMA weights trailed its last weights in every attribute but colour.
+    unet: DiffusionTrainConfig = DiffusionTrainConfig(
+        mode="monolithic", steps=1200, batch_size=32, checkpoint_every=100, log_every=25, ema_decay=0.995,
+        train_text_encoders=False, use_low_resolution=True,
+        optim=OptimConfig(learning_rate=1e-3, warmup_steps=100),
+    )
+    model_seed: int = 1
+
+
+def build_helpers(out_root: str | Path | None, work_dir: str | Path, *, base_model_dir: str | Path | None = None,
+                  names: tuple[str, ...] = HELPER_NAMES, recipe: HelperRecipe | None = None) -> dict:
+    """Train (or continue) each named helper into `out_root/<name>` (default: the shipped location)."""
+    from diffusion import checkpoints, runtime, synthetic
+    from diffusion.model import PanGuDraw, default_model_dir
+    from diffusion.training.data import bucket_images
+    from diffusion.training.diffusion_trainer import DiffusionTrainer
+    from diffusion.training.recipe import TinyModelRecipe, _stage_report, load_synthetic
+    from diffusion.training.vae_trainer import VAETrainer, fit_scale_factor, patch_mean_init, reconstruction_psnr
+
+    recipe = recipe or HelperRecipe()
+    runtime.configure("cpu")
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    base_dir = Path(base_model_dir) if base_model_dir is not None else default_model_dir()
+    report_path = work / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {"helpers": {}}
+    report["recipe"] = json.loads(recipe.model_dump_json())
+    report["base_model"] = str(base_dir)
+
+    def save_report():
+        report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+
+    data_path = work / "data" / "synthetic.parquet"
+    if not data_path.is_file():
+        t0 = time.perf_counter()
+        synthetic.write_parquet(TinyModelRecipe().data, data_path)
+        report["data"] = {"seconds": time.perf_counter() - t0, "rows": TinyModelRecipe().data.num_images}
+        save_report()
+    data = load_synthetic(data_path)
+    base = PanGuDraw.load(base_dir, components={"text", "vae"}, batch_invariant=False)
+
+    for name in names:
+        out_dir = Path(out_root) / name if out_root is not None else shipped_helper_dir(name)
+        if (out_dir / "model.json").is_file() and report["helpers"].get(name, {}).get("unet") is not None:
+            log.info("%s: %s exists, skipped", name, out_dir)
+            continue
+        entry = report["helpers"].setdefault(name, {})
+        cfg = helper_config(name, base.config)
+        start_dir = work / "models" / f"{name}-start"
+        if not (start_dir / "model.json").is_file():
+            model = PanGuDraw.random(cfg, base.tokenizers, seed=recipe.model_seed, batch_invariant=False)
+            names_to_copy = ["text_encoder_1", "text_encoder_2"]
+            if cfg.vae == base.config.vae:
+                names_to_copy.append("vae")
+            for net in names_to_copy:
+                checkpoints.load_state(model.nets[net], checkpoints.state_dict(base.nets[net]), source=str(base_dir))
+            if "vae" not in names_to_copy:
+                t0 = time.perf_counter()
+                patch_mean_init(model.nets["vae"])
+                trainer = VAETrainer(model, data, recipe.vae, work / "runs" / f"{name}-vae")
+                rows = trainer.train()
+                trainer.finish()
+                images = bucket_images(data, cfg.bucket_scales[0], use_low_resolution=False).images
+                scale = fit_scale_factor(model, images)
+                model.config = cfg.model_copy(update={"vae": cfg.vae.model_copy(update={"scale_factor": scale})})
+                square = images[min(images, key=lambda b: abs(b - 5))][:64]
+                entry["vae"] = {"seconds": time.perf_counter() - t0, "steps": recipe.vae.steps,
+                                "final_loss": rows[-1]["loss"] if rows else None, "scale_factor": scale,
+                                "psnr_db": reconstruction_psnr(model, square)}
+                log.info("%s VAE: scale factor %.5g, PSNR %.2f dB", name, scale, entry["vae"]["psnr_db"])
+            model.save(start_dir, description=f"{name} before UNet training", trained=False)
+            save_report()
+        t0 = time.perf_counter()
+        model = PanGuDraw.load(start_dir, batch_invariant=False)
+        trainer = DiffusionTrainer(model, data, recipe.unet, work / "runs" / name)
+        rows = trainer.train()
+        trainer.finish()
+        entry["unet"] = _stage_report(trainer, rows, time.perf_counter() - t0)
+        model.save(out_dir, description=_describe(name, model.config, recipe, base_dir), trained=True)
+        entry["out"] = str(out_dir)
+        save_report()
+        log.info("%s written to %s", name, out_dir)
+    return report
+
+
+def _describe(name: str, cfg: ModelConfig, recipe: HelperRecipe, base_dir: Path) -> str:
+    u = recipe.unet
+    what = ("the shipped tiny model's latent space at half the side (32x32, bucket scale 1/16)"
+            if name == "tiny-lowres" else
+            f"its own f=8 VAE (latent scale {cfg.vae.scale_factor:.4g}), 8x8 latents at 64x64")
+    return (f"{name}: a Coop-Diffusion helper trained on the synthetic bilingual data: {what}; one monolithic UNet, "
+            f"{u.steps} steps x {u.batch_size}, text encoders and tokenizers of {base_dir.name} (frozen). "
+            f"Reproduce with `pangudraw train helpers`.")
