@@ -1,0 +1,261 @@
+"""What Coop-Diffusion does to the images of trained models: layout kept by one-stage super-resolution, and control
+plus prompt under latent bridging, with the attribute classifier and direct pixel measures (JSON out).
+
+Super-resolution: the 32x32 model (tiny-lowres) draws each held-out prompt alone (L); one-stage super-resolution
+hands its x0 at t_switch to the 64x64 primary (S); the primary also samples every step at full size from the same
+seed (P). Layout kept = how well S matches L: Pearson correlation of 8x8 grey thumbnails, and how often the
+classifier reads the same colour, background and shape on S as on L (upsampled); P against L is the baseline of an
+image that did not start from L. Cost: seconds per image of S and of P, measured interleaved in this run.
+
+Control: each prompt gets a layout sketch (the prompt's shape in grey on black at a random size and position, from
+the synthetic generator). A helper with another latent space (tiny-sd15) sees the sketch through its input latents
+(a control helper) and joins the primary over a window of early steps with a weight. Arms: the primary alone
+(weight 0), the helper alone (weight 1, every step), fused settings between. Control followed = IoU of the image's
+foreground (pixels far from its border colour) with the sketch's shape, and the classifier's shape against the
+sketch's shape; prompt followed = classifier colour, background and pattern against the prompt.
+
+    python benchmarks/coop_quality.py                       # shipped primary, shipped helpers, 24 prompts
+    python benchmarks/coop_quality.py --count 48 --steps 20 --out benchmarks/results/coop_quality.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SKETCH_FG = (150, 150, 150)
+SKETCH_BG = (25, 25, 25)
+FOREGROUND_DISTANCE = 60.0
+
+
+def sketch_for(prompt, width: int, height: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A layout sketch of the prompt's shape (grey on black) and its boolean mask, at width x height."""
+    from diffusion import synthetic
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    size = list(synthetic.SIZES)[rng.integers(len(synthetic.SIZES))]
+    position = list(synthetic.POSITIONS)[rng.integers(len(synthetic.POSITIONS))]
+    scene = synthetic.Scene(prompt.shape, "white", "black", "solid", size, position, width, height,
+                            prompt.aspect_bucket, False)
+    big = synthetic.shape_mask(scene)
+    s = big.shape[0] // height
+    cover = big.reshape(height, s, width, s).mean(axis=(1, 3))
+    img = np.empty((height, width, 3), dtype=np.float32)
+    for c in range(3):
+        img[..., c] = SKETCH_BG[c] + (SKETCH_FG[c] - SKETCH_BG[c]) * cover
+    return np.rint(img).astype(np.uint8), cover >= 0.5
+
+
+def foreground(image: np.ndarray) -> np.ndarray:
+    """Pixels whose colour is far from the median colour of the image's border."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.float32)
+    bg = np.median(border, axis=0)
+    return np.linalg.norm(image.astype(np.float32) - bg, axis=-1) > FOREGROUND_DISTANCE
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def thumb_correlation(a: np.ndarray, b: np.ndarray, side: int = 8) -> list[float]:
+    from diffusion.coop import resize_pixels
+
+    def thumbs(images):
+        return [resize_pixels(img.astype(np.float32).mean(axis=-1)[None, None], (side, side)).ravel()
+                for img in images]
+
+    out = []
+    for x, y in zip(thumbs(a), thumbs(b)):
+        out.append(0.0 if x.std() == 0 or y.std() == 0 else float(np.corrcoef(x, y)[0, 1]))
+    return out
+
+
+def upsample(images, size):
+    """uint8 images of one size -> uint8 images of size (H, W), bilinear."""
+    from diffusion.coop import images_to_pixels, resize_pixels
+
+    px = resize_pixels(images_to_pixels(np.stack(images)), size)
+    return list(np.rint(np.clip((px + 1.0) / 2.0, 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1))
+
+
+def agreement(a: dict, b: dict, heads=("shape", "colour", "background", "pattern")) -> dict:
+    return {h: float(np.mean([x == y for x, y in zip(a[h], b[h])])) for h in heads}
+
+
+def requests_for(model, prompts, steps, guidance, aesthetic):
+    from diffusion import buckets
+    from diffusion.model import GenerationRequest
+
+    out = []
+    for p in prompts:
+        w, h = buckets.bucket_sizes(model.config.bucket_scales[0])[p.aspect_bucket]
+        out.append(GenerationRequest(prompt=p.prompt, seed=p.seed, width=w, height=h, steps=steps,
+                                     guidance_scale=guidance, aesthetic_scale=aesthetic))
+    return out
+
+
+def by_shape(requests, fn):
+    """Run fn(batch_indices) per group of rows of one size; returns a list in request order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault((r.width, r.height), []).append(i)
+    out = [None] * len(requests)
+    for idx in groups.values():
+        for i, v in zip(idx, fn(idx)):
+            out[i] = v
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--primary", help="64x64 primary model directory (default: the shipped tiny model)")
+    parser.add_argument("--low", help="32x32 model directory (default: the shipped tiny-lowres)")
+    parser.add_argument("--other", help="model with another latent space (default: the shipped tiny-sd15)")
+    parser.add_argument("--classifier", help="attribute classifier directory (default: the shipped one)")
+    parser.add_argument("--count", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--t-switch", type=int, default=500)
+    parser.add_argument("--guidance-scale", type=float, default=6.0)
+    parser.add_argument("--aesthetic-scale", type=float, default=4.0)
+    parser.add_argument("--fused", default="0.5:0:0.5,0.8:0:0.3,0.8:0:0.5",
+                        help="fused control settings WEIGHT:START:END, comma separated")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "coop_quality.json"))
+    parser.add_argument("--grid", help="also write a contact sheet (PNG) of the sketches and every arm")
+    args = parser.parse_args(argv)
+
+    from diffusion import coop, evaluation, runtime, synthetic
+    from diffusion.model import PanGuDraw, default_model_dir
+    from diffusion.training.helpers import shipped_helper_dir
+
+    runtime.configure("cpu")
+    primary = PanGuDraw.load(args.primary or default_model_dir(), batch_invariant=False)
+    low = PanGuDraw.load(args.low or shipped_helper_dir("tiny-lowres"), batch_invariant=False)
+    other = PanGuDraw.load(args.other or shipped_helper_dir("tiny-sd15"), batch_invariant=False)
+    clf = evaluation.Classifier.load(args.classifier)
+    prompts = synthetic.evaluation_prompts(args.count)
+    targets = [asdict(p) for p in prompts]
+    req_hi = requests_for(primary, prompts, args.steps, args.guidance_scale, args.aesthetic_scale)
+    req_lo = requests_for(low, prompts, args.steps, args.guidance_scale, args.aesthetic_scale)
+    seconds: dict[str, float] = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+    # Warm-up: compile every graph once on one row per size so the timings below are steady state.
+    for idx in {(r.width, r.height): i for i, r in enumerate(req_hi)}.values():
+        primary.generate([req_hi[idx]])
+        low.generate([req_lo[idx]])
+        coop.super_resolve(low, primary, [req_lo[idx]], args.t_switch)
+
+    # ---------------------------------------------------------------- super-resolution
+    def sr_batch(idx):
+        return list(primary.decode(coop.super_resolve(low, primary, [req_lo[i] for i in idx], args.t_switch)))
+
+    low_imgs = timed("low_plain", lambda: low.generate(req_lo))
+    sr_imgs = timed("super_resolution", lambda: by_shape(req_lo, sr_batch))
+    hi_imgs = timed("primary_plain", lambda: primary.generate(req_hi))
+    low_up = by_shape(req_hi, lambda idx: upsample([low_imgs[i] for i in idx], (req_hi[idx[0]].height,
+                                                                                 req_hi[idx[0]].width)))
+    pred = {k: clf.predict(v) for k, v in (("low", low_up), ("sr", sr_imgs), ("plain", hi_imgs))}
+    n = len(prompts)
+    sr_report = {
+        "t_switch": args.t_switch,
+        "seconds_per_image": {"super_resolution": seconds["super_resolution"] / n,
+                              "primary_plain_full_size": seconds["primary_plain"] / n,
+                              "low_plain": seconds["low_plain"] / n},
+        "cost_ratio_sr_over_plain": seconds["super_resolution"] / seconds["primary_plain"],
+        "thumbnail_correlation_with_low_image": {
+            "super_resolution": float(np.mean(thumb_correlation(sr_imgs, low_up))),
+            "primary_plain_same_seed": float(np.mean(thumb_correlation(hi_imgs, low_up))),
+        },
+        "classifier_agreement_with_low_image": {
+            "super_resolution": agreement(pred["sr"], pred["low"]),
+            "primary_plain_same_seed": agreement(pred["plain"], pred["low"]),
+        },
+        "adherence": {k: evaluation.adherence(v, targets) for k, v in pred.items()},
+    }
+    print(json.dumps({"super_resolution": sr_report}, indent=1))
+
+    # ---------------------------------------------------------------- control through a latent bridge
+    sketches = [sketch_for(p, r.width, r.height, seed=p.seed + 777) for p, r in zip(prompts, req_hi)]
+    arms = {"primary_alone": (0.0, 0.0, 1.0), "helper_alone": (1.0, 0.0, 1.0)}
+    for spec in args.fused.split(","):
+        w, a, b = (float(v) for v in spec.split(":"))
+        arms[f"fused_w{w:g}_window{a:g}-{b:g}"] = (w, a, b)
+
+    def control_batch(weight, window):
+        def run(idx):
+            if weight == 0.0:
+                return primary.generate([req_hi[i] for i in idx])
+            helper = coop.CoopHelper(other, weight=weight, window=window,
+                                     control_image=np.stack([sketches[i][0] for i in idx]))
+            return list(primary.decode(coop.coop_generate(primary, [req_hi[i] for i in idx], [helper])))
+        return run
+
+    control_report: dict[str, dict] = {}
+    arm_images = {}
+    for name, (w, a, b) in arms.items():
+        imgs = timed(name, lambda: by_shape(req_hi, control_batch(w, (a, b))))
+        arm_images[name] = imgs
+        p = clf.predict(imgs)
+        ious = [iou(foreground(img), mask) for img, (_, mask) in zip(imgs, sketches)]
+        control_report[name] = {
+            "weight": w, "window": [a, b],
+            "seconds_per_image": seconds[name] / n,
+            "control_iou": float(np.mean(ious)),
+            "control_shape_accuracy": evaluation.adherence(p, targets)["shape"],
+            "prompt_adherence": {k: v for k, v in evaluation.adherence(p, targets).items() if k != "shape"},
+        }
+        print(name, json.dumps(control_report[name]))
+    sketch_fg = [iou(foreground(s), m) for s, m in sketches]
+
+    report = {
+        "benchmark": "coop_quality",
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "models": {"primary": str(args.primary or default_model_dir()),
+                   "low": str(args.low or shipped_helper_dir("tiny-lowres")),
+                   "other": str(args.other or shipped_helper_dir("tiny-sd15")),
+                   "identities": {"primary": primary.identity, "low": low.identity, "other": other.identity}},
+        "prompts": {"count": n, "heldout": True, "steps": args.steps, "guidance_scale": args.guidance_scale,
+                    "aesthetic_scale": args.aesthetic_scale},
+        "super_resolution": sr_report,
+        "control": {"sketch": {"foreground_rgb": SKETCH_FG, "background_rgb": SKETCH_BG,
+                               "foreground_distance": FOREGROUND_DISTANCE,
+                               "iou_of_sketch_with_itself": float(np.mean(sketch_fg))},
+                    "arms": control_report},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print("wrote", args.out)
+    if args.grid:
+        from PIL import Image
+
+        columns = [("sketch", [s for s, _ in sketches]), ("low", low_up), ("super-res", sr_imgs),
+                   ("plain", hi_imgs)] + list(arm_images.items())
+        cell = 84
+        sheet = Image.new("RGB", (cell * len(columns), cell * n), (255, 255, 255))
+        for c, (_, imgs) in enumerate(columns):
+            for r, img in enumerate(imgs):
+                sheet.paste(Image.fromarray(img), (c * cell + (cell - img.shape[1]) // 2,
+                                                   r * cell + (cell - img.shape[0]) // 2))
+        sheet.save(args.grid)
+        print("wrote", args.grid, "columns:", ", ".join(name for name, _ in columns))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
