@@ -166,6 +166,8 @@ def run_helpers(args: argparse.Namespace) -> int:
         updates = {}
         for stage in ("vae", "unet"):
             cfg = getattr(recipe, stage)
+            if cfg is None:
+                continue
             steps = max(1, int(round(cfg.steps * args.scale)))
             updates[stage] = cfg.model_copy(update={
                 "steps": steps, "checkpoint_every": max(1, min(cfg.checkpoint_every, steps)),
