@@ -42,7 +42,7 @@ LATENT_BRIDGE, CONTROL, SUPER_RESOLUTION = "latent_bridge", "control", "super_re
 # The low-resolution model of one-stage super-resolution runs every step with t >= this (SPEC section 8, t_s).
 SUPER_RESOLUTION_T_SWITCH = 500
 BUILTIN_PREFIX = "builtin:"
-# Builtin helper models: (config factory, seed of the random weights used until trained ones are shipped).
+# Builtin helper models: (config factory, seed of the random weights used where no trained one is shipped).
 BUILTIN_HELPERS: dict[str, tuple[Callable[[str], ModelConfig], int]] = {
     "tiny-sd15": (tiny_sd15_config, 1),
     "tiny-lowres": (tiny_lowres_config, 2),
@@ -59,9 +59,7 @@ def builtin_model_dir(name: str) -> Path:
     if name not in BUILTIN_HELPERS:
         raise UserError(f"unknown builtin model {BUILTIN_PREFIX}{name}; builtin models are "
                         + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_HELPERS))
-    import diffusion
-
-    shipped = Path(diffusion.__file__).resolve().parent / "shipped" / name
+    shipped = _shipped_helper_dir(name)
     if (shipped / "model.json").is_file():
         return shipped
     cache = Path(os.environ.get("PANGUDRAW_CACHE", Path.home() / ".cache" / "pangudraw")) / f"random-{name}-v1"
@@ -79,6 +77,12 @@ def builtin_model_dir(name: str) -> Path:
 
             shutil.rmtree(tmp, ignore_errors=True)
     return cache
+
+
+def _shipped_helper_dir(name: str) -> Path:
+    from diffusion.training.helpers import shipped_helper_dir
+
+    return shipped_helper_dir(name)
 
 
 def resolve_helper_model(value: str) -> Path:

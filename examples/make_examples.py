@@ -6,8 +6,8 @@ examples/coop.parquet      Coop-Diffusion rows of every mode (latent bridge, con
                            beside a plain row, for `pangudraw run examples/coop.parquet`
 examples/control/*.png     the control images coop.parquet names (paths relative to the manifest's folder)
 
-The builtin helper models coop.parquet names (`builtin:tiny-sd15`, `builtin:tiny-lowres`) are prepared too: random
-tiny ones in the user's cache until trained ones are shipped (`actors.fusion.builtin_model_dir`).
+The builtin helper models coop.parquet names (`builtin:tiny-sd15`, `builtin:tiny-lowres`) are the shipped trained
+helpers (`actors.fusion.builtin_model_dir`; random stand-ins in the user's cache where a checkout has none).
 """
 from __future__ import annotations
 
@@ -54,23 +54,25 @@ def build_table() -> pa.Table:
     return pa.table({name: pa.array(values, type=t) for name, values, t in zip(COLUMNS, columns, TYPES)})
 
 
-# Coop-Diffusion rows for the default (tiny, 64x64) model. Helpers: `builtin:tiny-sd15` has another latent space
-# (f=8 VAE, latent scale 0.18215, one UNet); `builtin:tiny-lowres` makes 32x32 images in the tiny latent space.
+# Coop-Diffusion rows for the default (tiny, 64x64) model, in the synthetic vocabulary it was trained on. Helpers
+# (shipped, trained; docs/coop_diffusion.md): `builtin:tiny-sd15` has another latent space (its own f=8 VAE, 8x8
+# latents at 64x64, one UNet); `builtin:tiny-lowres` makes 32x32 images in the tiny latent space. The control rows
+# give a layout sketch (a grey shape on black) that the helper sees; the primary keeps the prompt's colours.
 # (row_id, prompt, helper_model, helper_weight, helper_window, control_image_uri, width, height, output_width,
 #  output_height, seed, mode)
 COOP_ROWS = [
-    ("coop-plain", "a red circle on a blue background", None, None, None, None, None, None, None, None, 21, "plain"),
-    ("bridge-sd15", "a red circle on a blue background", "builtin:tiny-sd15", 0.5, "0:1", None, None, None, None,
+    ("coop-plain", "red striped star, blue background", None, None, None, None, None, None, None, None, 21, "plain"),
+    ("bridge-sd15", "red striped star, blue background", "builtin:tiny-sd15", 0.5, "0:1", None, None, None, None,
      None, 21, "latent bridge"),
-    ("bridge-sd15-early", "a red circle on a blue background", "builtin:tiny-sd15", 0.5, "0:0.5", None, None, None,
+    ("bridge-sd15-early", "red striped star, blue background", "builtin:tiny-sd15", 0.5, "0:0.5", None, None, None,
      None, None, 21, "latent bridge, early steps"),
-    ("control-disc-lowres", "a red circle on a blue background", "builtin:tiny-lowres", 0.5, "0:0.6",
-     "control/disc.png", None, None, None, None, 22, "control (32x32 helper sees a disc)"),
-    ("control-bars-sd15", "蓝色背景上的红色圆形", "builtin:tiny-sd15", 0.4, "0:0.5", "control/bars.png", None, None,
-     None, None, 23, "control (SD-1.5-style helper sees bars)"),
-    ("sr-lowres", "a small blue house with a red door", "builtin:tiny-lowres", None, None, None, 32, 32, 64, 64, 24,
-     "super-resolution 32 -> 64"),
-    ("sr-lowres-zh", "山水画 landscape painting", "builtin:tiny-lowres", None, None, None, 32, 32, 64, 64, 25,
+    ("control-star-sd15", "red striped star, blue background", "builtin:tiny-sd15", 0.8, "0:0.5",
+     "control/star.png", None, None, None, None, 21, "control (SD-1.5-style helper sees a star sketch)"),
+    ("control-triangle-lowres", "黄色圆点三角形，紫色背景", "builtin:tiny-lowres", 0.8, "0:0.5",
+     "control/triangle.png", None, None, None, None, 22, "control (32x32 helper sees a triangle sketch)"),
+    ("sr-lowres", "green checked square, white background", "builtin:tiny-lowres", None, None, None, 32, 32, 64, 64,
+     24, "super-resolution 32 -> 64"),
+    ("sr-lowres-zh", "橙色纯色圆形，黑色背景", "builtin:tiny-lowres", None, None, None, 32, 32, 64, 64, 25,
      "super-resolution 32 -> 64"),
 ]
 COOP_COLUMNS = ["row_id", "prompt", "helper_model", "helper_weight", "helper_window", "control_image_uri", "width",
@@ -87,19 +89,24 @@ def build_coop_table() -> pa.Table:
 
 
 def control_images() -> dict[str, np.ndarray]:
-    """Layout sketches, 64x64 RGB: a disc (an object's place) and two vertical bars (an edge map)."""
-    yy, xx = np.mgrid[:64, :64]
-    disc = np.full((64, 64, 3), 24, np.uint8)
-    disc[(yy - 30) ** 2 + (xx - 34) ** 2 < 18 ** 2] = (230, 40, 40)
-    bars = np.full((64, 64, 3), 235, np.uint8)
-    bars[:, 10:18] = bars[:, 42:50] = (20, 20, 200)
-    return {"disc.png": disc, "bars.png": bars}
+    """Layout sketches, 64x64 RGB: the shape in grey (150) on near-black (25), drawn by the synthetic generator."""
+    from diffusion import synthetic
+
+    out = {}
+    for name, shape, position in (("star.png", "star", "center"), ("triangle.png", "triangle", "left")):
+        scene = synthetic.Scene(shape, "white", "black", "solid", "large", position, 64, 64, 5, False)
+        big = synthetic.shape_mask(scene)
+        s = big.shape[0] // 64
+        cover = big.reshape(64, s, 64, s).mean(axis=(1, 3))[..., None]
+        out[name] = np.rint(25 + (150 - 25) * cover).repeat(3, axis=-1).astype(np.uint8)
+    return out
 
 
 def main() -> None:
     from PIL import Image
 
     here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here.parent))
     out = here / "prompts.parquet"
     pq.write_table(build_table(), out)
     print(f"wrote {out} ({len(ROWS)} rows)")
@@ -111,7 +118,6 @@ def main() -> None:
     pq.write_table(build_coop_table(), coop)
     print(f"wrote {coop} ({len(COOP_ROWS)} rows)")
 
-    sys.path.insert(0, str(here.parent))
     from actors.fusion import BUILTIN_PREFIX, builtin_model_dir
 
     for name in sorted({row[2][len(BUILTIN_PREFIX):] for row in COOP_ROWS if row[2]}):

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from actors.fusion import HelperModel, check_helper_model, resolve_control_uri
+from actors.fusion import HelperModel, builtin_model_dir, check_helper_model, resolve_control_uri
 from actors.rows import INVALID, PENDING, from_table
 from diffusion.config import tiny_config, tiny_sd15_config
 from jobs import results
@@ -123,6 +123,8 @@ def request_of(record):
 
 def test_mixed_manifest_runs_and_fused_rows_say_what_was_fused(fused_job, sd15_dir, helper_cache):
     root, _, spec, result = fused_job
+    lowres_dir = builtin_model_dir("tiny-lowres")
+    lowres_name = json.loads((lowres_dir / "model.json").read_text())["config"]["name"]
     records = records_of(spec)
     assert {k: r["status"] for k, r in records.items()} == {
         "plain": "ok", "bridge": "ok", "control": "ok", "super-res": "ok", "control-missing": "failed",
@@ -141,8 +143,8 @@ def test_mixed_manifest_runs_and_fused_rows_say_what_was_fused(fused_job, sd15_d
         "helper_latent": [4, 8, 8], "fused_steps": [0, 1, 2, 3]}
     assert bridge["helper_hash"] == json.loads((sd15_dir / "model.json").read_text())["hash"]
     control = json.loads(records["control"]["fusion"])
-    assert (control["mode"], control["helper_model"], control["helper_dir"]) == \
-        ("control", LOWRES, "random-tiny-lowres-v1")
+    assert (control["mode"], control["helper_model"], control["helper_dir"], control["helper_name"]) == \
+        ("control", LOWRES, lowres_dir.name, lowres_name)
     assert control["control_image_uri"] == (root / "control" / "disc.png").as_uri()
     assert (control["weight"], control["window"], control["fused_steps"]) == (0.4, [0.0, 0.5], [0, 1])
     assert (control["helper_size"], control["helper_latent"]) == ([32, 32], [4, 8, 8])
@@ -157,10 +159,9 @@ def test_mixed_manifest_runs_and_fused_rows_say_what_was_fused(fused_job, sd15_d
         r = records[key]
         assert r["fusion_s"] > 0 and r["encode_s"] is None and r["structure_s"] is None and r["texture_s"] is None
         assert r["decode_s"] > 0 and r["helper_model"] == json.loads(r["fusion"])["helper_model"]
-    assert (helper_cache / "random-tiny-lowres-v1" / "model.json").is_file()
 
     job = json.loads((Path(spec.output) / "job.json").read_text())
-    assert job["fusion_actors"] == 1 and job["helper_models"][LOWRES]["name"] == "tiny-lowres-random"
+    assert job["fusion_actors"] == 1 and job["helper_models"][LOWRES]["name"] == lowres_name
     assert "does not exist" in job["helper_models"][str(root / "no-such-model")]["error"]
     s = result.summary
     assert (s.ok, s.failed, s.invalid) == (4, 1, 1)
@@ -190,7 +191,7 @@ def test_fused_images_equal_in_process_coop_diffusion_and_plain_images_are_uncha
     records = records_of(spec)
     primary = PanGuDraw.load(tiny_model_dir)
     sd15 = PanGuDraw.load(sd15_dir)
-    low = PanGuDraw.load(helper_cache / "random-tiny-lowres-v1")
+    low = PanGuDraw.load(builtin_model_dir("tiny-lowres"))
     req = {key: request_of(records[key]) for key in ("plain", "bridge", "control", "super-res")}
     expected = {
         "plain": primary.generate([req["plain"]])[0],
