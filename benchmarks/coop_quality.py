@@ -33,60 +33,16 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-SKETCH_FG = (150, 150, 150)
-SKETCH_BG = (25, 25, 25)
-FOREGROUND_DISTANCE = 60.0
+def thumb_correlation(a, b) -> list[float]:
+    from diffusion.evaluation import thumbnail_correlation
 
-
-def sketch_for(prompt, width: int, height: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A layout sketch of the prompt's shape (grey on black) and its boolean mask, at width x height."""
-    from diffusion import synthetic
-
-    rng = np.random.Generator(np.random.PCG64(seed))
-    size = list(synthetic.SIZES)[rng.integers(len(synthetic.SIZES))]
-    position = list(synthetic.POSITIONS)[rng.integers(len(synthetic.POSITIONS))]
-    scene = synthetic.Scene(prompt.shape, "white", "black", "solid", size, position, width, height,
-                            prompt.aspect_bucket, False)
-    big = synthetic.shape_mask(scene)
-    s = big.shape[0] // height
-    cover = big.reshape(height, s, width, s).mean(axis=(1, 3))
-    img = np.empty((height, width, 3), dtype=np.float32)
-    for c in range(3):
-        img[..., c] = SKETCH_BG[c] + (SKETCH_FG[c] - SKETCH_BG[c]) * cover
-    return np.rint(img).astype(np.uint8), cover >= 0.5
-
-
-def foreground(image: np.ndarray) -> np.ndarray:
-    """Pixels whose colour is far from the median colour of the image's border."""
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.float32)
-    bg = np.median(border, axis=0)
-    return np.linalg.norm(image.astype(np.float32) - bg, axis=-1) > FOREGROUND_DISTANCE
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
-def thumb_correlation(a: np.ndarray, b: np.ndarray, side: int = 8) -> list[float]:
-    from diffusion.coop import resize_pixels
-
-    def thumbs(images):
-        return [resize_pixels(img.astype(np.float32).mean(axis=-1)[None, None], (side, side)).ravel()
-                for img in images]
-
-    out = []
-    for x, y in zip(thumbs(a), thumbs(b)):
-        out.append(0.0 if x.std() == 0 or y.std() == 0 else float(np.corrcoef(x, y)[0, 1]))
-    return out
+    return [thumbnail_correlation(x, y) for x, y in zip(a, b)]
 
 
 def upsample(images, size):
-    """uint8 images of one size -> uint8 images of size (H, W), bilinear."""
-    from diffusion.coop import images_to_pixels, resize_pixels
+    from diffusion.evaluation import resize_images
 
-    px = resize_pixels(images_to_pixels(np.stack(images)), size)
-    return list(np.rint(np.clip((px + 1.0) / 2.0, 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1))
+    return resize_images(images, size)
 
 
 def agreement(a: dict, b: dict, heads=("shape", "colour", "background", "pattern")) -> dict:
@@ -191,7 +147,8 @@ def main(argv=None) -> int:
     print(json.dumps({"super_resolution": sr_report}, indent=1))
 
     # ---------------------------------------------------------------- control through a latent bridge
-    sketches = [sketch_for(p, r.width, r.height, seed=p.seed + 777) for p, r in zip(prompts, req_hi)]
+    sketches = [evaluation.layout_sketch(p.shape, r.width, r.height, seed=p.seed + 777)
+                for p, r in zip(prompts, req_hi)]
     arms = {"primary_alone": (0.0, 0.0, 1.0), "helper_alone": (1.0, 0.0, 1.0)}
     for spec in args.fused.split(","):
         w, a, b = (float(v) for v in spec.split(":"))
@@ -212,7 +169,8 @@ def main(argv=None) -> int:
         imgs = timed(name, lambda: by_shape(req_hi, control_batch(w, (a, b))))
         arm_images[name] = imgs
         p = clf.predict(imgs)
-        ious = [iou(foreground(img), mask) for img, (_, mask) in zip(imgs, sketches)]
+        ious = [evaluation.mask_iou(evaluation.foreground_mask(img), mask)
+                for img, (_, mask) in zip(imgs, sketches)]
         control_report[name] = {
             "weight": w, "window": [a, b],
             "seconds_per_image": seconds[name] / n,
@@ -221,7 +179,7 @@ def main(argv=None) -> int:
             "prompt_adherence": {k: v for k, v in evaluation.adherence(p, targets).items() if k != "shape"},
         }
         print(name, json.dumps(control_report[name]))
-    sketch_fg = [iou(foreground(s), m) for s, m in sketches]
+    sketch_fg = [evaluation.mask_iou(evaluation.foreground_mask(s), m) for s, m in sketches]
 
     report = {
         "benchmark": "coop_quality",
@@ -233,8 +191,9 @@ def main(argv=None) -> int:
         "prompts": {"count": n, "heldout": True, "steps": args.steps, "guidance_scale": args.guidance_scale,
                     "aesthetic_scale": args.aesthetic_scale},
         "super_resolution": sr_report,
-        "control": {"sketch": {"foreground_rgb": SKETCH_FG, "background_rgb": SKETCH_BG,
-                               "foreground_distance": FOREGROUND_DISTANCE,
+        "control": {"sketch": {"foreground_rgb": evaluation.SKETCH_FOREGROUND,
+                               "background_rgb": evaluation.SKETCH_BACKGROUND,
+                               "foreground_distance": evaluation.FOREGROUND_DISTANCE,
                                "iou_of_sketch_with_itself": float(np.mean(sketch_fg))},
                     "arms": control_report},
     }

@@ -224,6 +224,57 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_sqrt)
 
 
+# ---------------------------------------------------------------- layout measures (Coop-Diffusion)
+
+SKETCH_FOREGROUND, SKETCH_BACKGROUND = (150, 150, 150), (25, 25, 25)
+FOREGROUND_DISTANCE = 60.0
+
+
+def layout_sketch(shape: str, width: int, height: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A layout sketch for a control helper: `shape` in grey on near-black at a size and position drawn from `seed`
+    (the synthetic generator's), as uint8 (H, W, 3), and its boolean mask (pixels at least half covered)."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    size = list(synthetic.SIZES)[rng.integers(len(synthetic.SIZES))]
+    position = list(synthetic.POSITIONS)[rng.integers(len(synthetic.POSITIONS))]
+    scene = synthetic.Scene(shape, "white", "black", "solid", size, position, width, height, 0, False)
+    big = synthetic.shape_mask(scene)
+    s = big.shape[0] // height
+    cover = big.reshape(height, s, width, s).mean(axis=(1, 3))
+    fg, bg = np.asarray(SKETCH_FOREGROUND, np.float32), np.asarray(SKETCH_BACKGROUND, np.float32)
+    img = bg + (fg - bg) * cover[..., None]
+    return np.rint(img).astype(np.uint8), cover >= 0.5
+
+
+def foreground_mask(image: np.ndarray, distance: float = FOREGROUND_DISTANCE) -> np.ndarray:
+    """Pixels of a uint8 (H, W, 3) image farther than `distance` (RGB) from the median colour of its border."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.float32)
+    return np.linalg.norm(image.astype(np.float32) - np.median(border, axis=0), axis=-1) > distance
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (1 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def thumbnail_correlation(a: np.ndarray, b: np.ndarray, side: int = 8) -> float:
+    """Pearson correlation of two uint8 images' side x side grey thumbnails (area averages); 0 if one is flat."""
+    from diffusion.coop import resize_pixels
+
+    x, y = (resize_pixels(img.astype(np.float32).mean(axis=-1)[None, None], (side, side)).ravel() for img in (a, b))
+    if x.std() == 0 or y.std() == 0:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def resize_images(images: Sequence[np.ndarray], size: tuple[int, int]) -> list[np.ndarray]:
+    """uint8 images of one size -> uint8 images of `size` (H, W): bilinear up, area down (`coop.resize_pixels`)."""
+    from diffusion.coop import images_to_pixels, resize_pixels
+
+    px = resize_pixels(images_to_pixels(np.stack(images)), size)
+    return list(np.rint(np.clip((px + 1.0) / 2.0, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(0, 2, 3, 1))
+
+
 def real_images_for(prompts: Sequence[synthetic.EvalPrompt], seed: int = 4242) -> list[np.ndarray]:
     """A real synthetic image of each prompt's attributes and bucket (random size and position), for the FD."""
     from diffusion import buckets

@@ -62,3 +62,34 @@ def test_shipped_classifier_reads_real_images():
     floors = {"shape": 0.88, "colour": 0.93, "background": 0.95, "pattern": 0.6}
     for attr, floor in floors.items():
         assert acc[attr] >= floor, acc
+
+
+def test_layout_measures_read_a_shape_back_from_pixels():
+    from diffusion.evaluation import (foreground_mask, layout_sketch, mask_iou, resize_images,
+                                      thumbnail_correlation)
+
+    sketch, mask = layout_sketch("star", 64, 64, seed=3)
+    again, _ = layout_sketch("star", 64, 64, seed=3)
+    assert sketch.dtype == np.uint8 and sketch.shape == (64, 64, 3) and np.array_equal(sketch, again)
+    assert np.all((sketch[mask] >= 87) & (sketch[mask] <= 150)) and np.all(sketch[~mask] <= 88)
+    assert 0.05 < mask.mean() < 0.6
+    # The sketch's own foreground is its mask; another seed puts the shape elsewhere or at another size.
+    assert mask_iou(foreground_mask(sketch), mask) > 0.95
+    _, other = layout_sketch("star", 64, 64, seed=4)
+    assert mask_iou(other, mask) < 0.9
+    # A rendered synthetic image's foreground against its own shape mask.
+    from diffusion import synthetic
+
+    scene = synthetic.Scene("square", "red", "blue", "solid", "large", "center", 64, 64, 5, False)
+    img = synthetic.render(scene)
+    big = synthetic.shape_mask(scene)
+    s = big.shape[0] // 64
+    true = big.reshape(64, s, 64, s).mean(axis=(1, 3)) >= 0.5
+    assert mask_iou(foreground_mask(img), true) > 0.95
+    assert mask_iou(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0
+    assert mask_iou(np.eye(4, dtype=bool), np.ones((4, 4), bool)) == 0.25
+    assert thumbnail_correlation(img, img) == pytest.approx(1.0)
+    assert thumbnail_correlation(img, 255 - img) == pytest.approx(-1.0)
+    assert thumbnail_correlation(img, np.full_like(img, 7)) == 0.0
+    up = resize_images([sketch[::2, ::2]], (64, 64))[0]
+    assert up.shape == (64, 64, 3) and mask_iou(foreground_mask(up), mask) > 0.8
