@@ -5,14 +5,16 @@ Super-resolution: the 32x32 model (tiny-lowres) draws each held-out prompt alone
 hands its x0 at t_switch to the 64x64 primary (S); the primary also samples every step at full size from the same
 seed (P). Layout kept = how well S matches L: Pearson correlation of 8x8 grey thumbnails, and how often the
 classifier reads the same colour, background and shape on S as on L (upsampled); P against L is the baseline of an
-image that did not start from L. Cost: seconds per image of S and of P, measured interleaved in this run.
+image that did not start from L. Cost: seconds per image of S and of P, one after the other in this run, after an
+untimed pass of each at the same batches (graphs compile per batch shape). The control arms' times include their
+first compilations.
 
-Control: each prompt gets a layout sketch (the prompt's shape in grey on black at a random size and position, from
-the synthetic generator). A helper with another latent space (tiny-sd15) sees the sketch through its input latents
-(a control helper) and joins the primary over a window of early steps with a weight. Arms: the primary alone
-(weight 0), the helper alone (weight 1, every step), fused settings between. Control followed = IoU of the image's
-foreground (pixels far from its border colour) with the sketch's shape, and the classifier's shape against the
-sketch's shape; prompt followed = classifier colour, background and pattern against the prompt.
+Control: each prompt gets a layout sketch (the prompt's shape in grey on black at a random size and position,
+`evaluation.layout_sketch`). A helper sees the sketch through its input latents (a control helper) and joins the
+primary over a window of early steps with a weight: tiny-sd15 (another latent space) and tiny-lowres (the primary's
+latent space at 32x32). Arms: the primary alone, each helper alone (weight 1, every step), and fused settings.
+Control followed = IoU of the image's foreground (pixels far from its border colour) with the sketch's shape, and
+the classifier's shape against the sketch's; prompt followed = classifier colour, background and pattern.
 
     python benchmarks/coop_quality.py                       # shipped primary, shipped helpers, 24 prompts
     python benchmarks/coop_quality.py --count 48 --steps 20 --out benchmarks/results/coop_quality.json
@@ -84,8 +86,9 @@ def main(argv=None) -> int:
     parser.add_argument("--t-switch", type=int, default=500)
     parser.add_argument("--guidance-scale", type=float, default=6.0)
     parser.add_argument("--aesthetic-scale", type=float, default=4.0)
-    parser.add_argument("--fused", default="0.5:0:0.5,0.8:0:0.3,0.8:0:0.5",
-                        help="fused control settings WEIGHT:START:END, comma separated")
+    parser.add_argument("--fused", default="0.5:0:0.5,0.8:0:0.3,0.8:0:0.5,1:0:1:1,0.8:0:0.3:1,0.8:0:0.5:1",
+                        help="control settings WEIGHT:START:END[:HELPER_GUIDANCE], comma separated (the helper's "
+                             "guidance scale defaults to the row's)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "coop_quality.json"))
     parser.add_argument("--grid", help="also write a contact sheet (PNG) of the sketches and every arm")
     args = parser.parse_args(argv)
@@ -111,16 +114,12 @@ def main(argv=None) -> int:
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
         return out
 
-    # Warm-up: compile every graph once on one row per size so the timings below are steady state.
-    for idx in {(r.width, r.height): i for i, r in enumerate(req_hi)}.values():
-        primary.generate([req_hi[idx]])
-        low.generate([req_lo[idx]])
-        coop.super_resolve(low, primary, [req_lo[idx]], args.t_switch)
-
     # ---------------------------------------------------------------- super-resolution
     def sr_batch(idx):
         return list(primary.decode(coop.super_resolve(low, primary, [req_lo[i] for i in idx], args.t_switch)))
 
+    # Graphs compile per batch shape: one untimed pass of each at the timed batches, then the timed pass.
+    low.generate(req_lo), by_shape(req_lo, sr_batch), primary.generate(req_hi)
     low_imgs = timed("low_plain", lambda: low.generate(req_lo))
     sr_imgs = timed("super_resolution", lambda: by_shape(req_lo, sr_batch))
     hi_imgs = timed("primary_plain", lambda: primary.generate(req_hi))
@@ -149,30 +148,34 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- control through a latent bridge
     sketches = [evaluation.layout_sketch(p.shape, r.width, r.height, seed=p.seed + 777)
                 for p, r in zip(prompts, req_hi)]
-    arms = {"primary_alone": (0.0, 0.0, 1.0), "helper_alone": (1.0, 0.0, 1.0)}
-    for spec in args.fused.split(","):
-        w, a, b = (float(v) for v in spec.split(":"))
-        arms[f"fused_w{w:g}_window{a:g}-{b:g}"] = (w, a, b)
+    arms = {"primary_alone": (None, 0.0, 0.0, 1.0, None)}
+    for helper_name, helper_model in (("tiny-sd15", other), ("tiny-lowres", low)):
+        arms[f"{helper_name}_alone"] = (helper_model, 1.0, 0.0, 1.0, None)
+        for spec in args.fused.split(","):
+            w, a, b, *g = (float(v) for v in spec.split(":"))
+            name = f"{helper_name}_w{w:g}_window{a:g}-{b:g}" + (f"_guidance{g[0]:g}" if g else "")
+            arms[name] = (helper_model, w, a, b, g[0] if g else None)
 
-    def control_batch(weight, window):
+    def control_batch(helper_model, weight, window, guidance):
         def run(idx):
-            if weight == 0.0:
+            if helper_model is None:
                 return primary.generate([req_hi[i] for i in idx])
-            helper = coop.CoopHelper(other, weight=weight, window=window,
+            helper = coop.CoopHelper(helper_model, weight=weight, window=window, guidance_scale=guidance,
                                      control_image=np.stack([sketches[i][0] for i in idx]))
             return list(primary.decode(coop.coop_generate(primary, [req_hi[i] for i in idx], [helper])))
         return run
 
     control_report: dict[str, dict] = {}
     arm_images = {}
-    for name, (w, a, b) in arms.items():
-        imgs = timed(name, lambda: by_shape(req_hi, control_batch(w, (a, b))))
+    for name, (helper_model, w, a, b, g) in arms.items():
+        imgs = timed(name, lambda: by_shape(req_hi, control_batch(helper_model, w, (a, b), g)))
         arm_images[name] = imgs
         p = clf.predict(imgs)
         ious = [evaluation.mask_iou(evaluation.foreground_mask(img), mask)
                 for img, (_, mask) in zip(imgs, sketches)]
         control_report[name] = {
-            "weight": w, "window": [a, b],
+            "helper": None if helper_model is None else helper_model.config.name, "weight": w, "window": [a, b],
+            "helper_guidance_scale": g,
             "seconds_per_image": seconds[name] / n,
             "control_iou": float(np.mean(ious)),
             "control_shape_accuracy": evaluation.adherence(p, targets)["shape"],
