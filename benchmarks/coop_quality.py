@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fused", default="0.5:0:0.5,0.8:0:0.3,0.8:0:0.5,1:0:1:1,0.8:0:0.3:1,0.8:0:0.5:1",
                         help="control settings WEIGHT:START:END[:HELPER_GUIDANCE], comma separated (the helper's "
                              "guidance scale defaults to the row's)")
+    parser.add_argument("--control-helpers", default="tiny-sd15,tiny-lowres",
+                        help="helpers that take the control arms, comma separated")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "coop_quality.json"))
     parser.add_argument("--grid", help="also write a contact sheet (PNG) of the sketches and every arm")
     args = parser.parse_args(argv)
@@ -149,7 +151,8 @@ def main(argv=None) -> int:
     sketches = [evaluation.layout_sketch(p.shape, r.width, r.height, seed=p.seed + 777)
                 for p, r in zip(prompts, req_hi)]
     arms = {"primary_alone": (None, 0.0, 0.0, 1.0, None)}
-    for helper_name, helper_model in (("tiny-sd15", other), ("tiny-lowres", low)):
+    for helper_name in args.control_helpers.split(","):
+        helper_model = {"tiny-sd15": other, "tiny-lowres": low}[helper_name]
         arms[f"{helper_name}_alone"] = (helper_model, 1.0, 0.0, 1.0, None)
         for spec in args.fused.split(","):
             w, a, b, *g = (float(v) for v in spec.split(":"))
