@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fused", default="0.5:0:0.5,0.8:0:0.3,0.8:0:0.5,1:0:1:1,0.8:0:0.3:1,0.8:0:0.5:1",
                         help="control settings WEIGHT:START:END[:HELPER_GUIDANCE], comma separated (the helper's "
                              "guidance scale defaults to the row's)")
+    parser.add_argument("--bridge", default="0.5:0:1,0.8:0:0.5,1:0:0.5",
+                        help="plain latent-bridge settings with tiny-sd15 and no control, WEIGHT:START:END[:GUIDANCE]")
     parser.add_argument("--control-helpers", default="tiny-sd15,tiny-lowres",
                         help="helpers that take the control arms, comma separated")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "coop_quality.json"))
@@ -150,35 +152,39 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- control through a latent bridge
     sketches = [evaluation.layout_sketch(p.shape, r.width, r.height, seed=p.seed + 777)
                 for p, r in zip(prompts, req_hi)]
-    arms = {"primary_alone": (None, 0.0, 0.0, 1.0, None)}
+    arms = {"primary_alone": (None, 0.0, 0.0, 1.0, None, False)}
+    for spec in filter(None, args.bridge.split(",")):
+        w, a, b, *g = (float(v) for v in spec.split(":"))
+        name = f"bridge_tiny-sd15_w{w:g}_window{a:g}-{b:g}" + (f"_guidance{g[0]:g}" if g else "")
+        arms[name] = (other, w, a, b, g[0] if g else None, False)
     for helper_name in args.control_helpers.split(","):
         helper_model = {"tiny-sd15": other, "tiny-lowres": low}[helper_name]
-        arms[f"{helper_name}_alone"] = (helper_model, 1.0, 0.0, 1.0, None)
-        for spec in args.fused.split(","):
+        arms[f"{helper_name}_alone"] = (helper_model, 1.0, 0.0, 1.0, None, True)
+        for spec in filter(None, args.fused.split(",")):
             w, a, b, *g = (float(v) for v in spec.split(":"))
             name = f"{helper_name}_w{w:g}_window{a:g}-{b:g}" + (f"_guidance{g[0]:g}" if g else "")
-            arms[name] = (helper_model, w, a, b, g[0] if g else None)
+            arms[name] = (helper_model, w, a, b, g[0] if g else None, True)
 
-    def control_batch(helper_model, weight, window, guidance):
+    def control_batch(helper_model, weight, window, guidance, control):
         def run(idx):
             if helper_model is None:
                 return primary.generate([req_hi[i] for i in idx])
             helper = coop.CoopHelper(helper_model, weight=weight, window=window, guidance_scale=guidance,
-                                     control_image=np.stack([sketches[i][0] for i in idx]))
+                                     control_image=np.stack([sketches[i][0] for i in idx]) if control else None)
             return list(primary.decode(coop.coop_generate(primary, [req_hi[i] for i in idx], [helper])))
         return run
 
     control_report: dict[str, dict] = {}
     arm_images = {}
-    for name, (helper_model, w, a, b, g) in arms.items():
-        imgs = timed(name, lambda: by_shape(req_hi, control_batch(helper_model, w, (a, b), g)))
+    for name, (helper_model, w, a, b, g, control) in arms.items():
+        imgs = timed(name, lambda: by_shape(req_hi, control_batch(helper_model, w, (a, b), g, control)))
         arm_images[name] = imgs
         p = clf.predict(imgs)
         ious = [evaluation.mask_iou(evaluation.foreground_mask(img), mask)
                 for img, (_, mask) in zip(imgs, sketches)]
         control_report[name] = {
             "helper": None if helper_model is None else helper_model.config.name, "weight": w, "window": [a, b],
-            "helper_guidance_scale": g,
+            "helper_guidance_scale": g, "control_image": control,
             "seconds_per_image": seconds[name] / n,
             "control_iou": float(np.mean(ious)),
             "control_shape_accuracy": evaluation.adherence(p, targets)["shape"],
