@@ -69,10 +69,9 @@ def build_helpers(out_root: str | Path | None, work_dir: str | Path, *, base_mod
     """Train (or continue) each named helper into `out_root/<name>` (default: the shipped location)."""
     from diffusion import checkpoints, runtime, synthetic
     from diffusion.model import PanGuDraw, default_model_dir
-    from diffusion.training.data import bucket_images
     from diffusion.training.diffusion_trainer import DiffusionTrainer
-    from diffusion.training.recipe import TinyModelRecipe, _stage_report, load_synthetic
-    from diffusion.training.vae_trainer import VAETrainer, fit_scale_factor, patch_mean_init, reconstruction_psnr
+    from diffusion.training.recipe import TinyModelRecipe, _stage_report, load_synthetic, refit_latent_scale
+    from diffusion.training.vae_trainer import VAETrainer, patch_mean_init
 
     recipe = recipe or HelperRecipe()
     runtime.configure("cpu")
@@ -119,13 +118,10 @@ def build_helpers(out_root: str | Path | None, work_dir: str | Path, *, base_mod
                     trainer = VAETrainer(model, data, recipe.vae, work / "runs" / f"{name}-vae")
                     rows = trainer.train()
                     trainer.finish()
-                images = bucket_images(data, cfg.bucket_scales[0], use_low_resolution=False).images
-                scale = fit_scale_factor(model, images)
-                model.config = cfg.model_copy(update={"vae": cfg.vae.model_copy(update={"scale_factor": scale})})
-                square = images[min(images, key=lambda b: abs(b - 5))][:64]
+                scale, psnr = refit_latent_scale(model, data)
                 entry["vae"] = {"seconds": time.perf_counter() - t0, "steps": recipe.vae.steps if recipe.vae else 0,
                                 "final_loss": rows[-1]["loss"] if rows else None, "scale_factor": scale,
-                                "psnr_db": reconstruction_psnr(model, square)}
+                                "psnr_db": psnr}
                 log.info("%s VAE: scale factor %.5g, PSNR %.2f dB", name, scale, entry["vae"]["psnr_db"])
             model.save(start_dir, description=f"{name} before UNet training", trained=False)
             save_report()

@@ -77,6 +77,19 @@ def _describe(recipe: TinyModelRecipe, report: dict) -> str:
     )
 
 
+def refit_latent_scale(model, data: ImageTextSet) -> tuple[float, float]:
+    """Fit the VAE's latent scale factor on the full-resolution images and store it in `model.config`; returns the
+    scale and the reconstruction PSNR (dB) on up to 64 images of the square bucket (or the nearest one)."""
+    from diffusion.training.vae_trainer import fit_scale_factor, reconstruction_psnr
+
+    images = bucket_images(data, model.config.bucket_scales[0], use_low_resolution=False).images
+    scale = fit_scale_factor(model, images)
+    cfg = model.config
+    model.config = cfg.model_copy(update={"vae": cfg.vae.model_copy(update={"scale_factor": scale})})
+    square = images[min(images, key=lambda b: abs(b - 5))][:64]
+    return scale, reconstruction_psnr(model, square)
+
+
 def load_synthetic(path: Path) -> ImageTextSet:
     import pyarrow.parquet as pq
 
@@ -89,7 +102,7 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
     from diffusion.model import PanGuDraw
     from diffusion.tiny import build_tokenizers
     from diffusion.training.diffusion_trainer import DiffusionTrainer
-    from diffusion.training.vae_trainer import VAETrainer, fit_scale_factor, patch_mean_init, reconstruction_psnr
+    from diffusion.training.vae_trainer import VAETrainer, patch_mean_init
 
     recipe = recipe or TinyModelRecipe()
     runtime.configure("cpu")
@@ -123,11 +136,7 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
         trainer = VAETrainer(model, data, recipe.vae, work / "runs" / "vae")
         rows = trainer.train()
         trainer.finish()
-        images = bucket_images(data, config.bucket_scales[0], use_low_resolution=False).images
-        scale = fit_scale_factor(model, images)
-        model.config = config.model_copy(update={"vae": config.vae.model_copy(update={"scale_factor": scale})})
-        square = images[min(images, key=lambda b: abs(b - 5))][:64]
-        psnr = reconstruction_psnr(model, square)
+        scale, psnr = refit_latent_scale(model, data)
         model.save(vae_dir, description=f"{SHIPPED_NAME} after VAE training (UNets untrained)", trained=False)
         report["stages"]["vae"] = {"seconds": time.perf_counter() - t0, "steps": recipe.vae.steps,
                                    "final_loss": rows[-1]["loss"] if rows else None, "scale_factor": scale,
