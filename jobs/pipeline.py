@@ -470,6 +470,11 @@ def run_pipeline(spec: JobSpec, options: PipelineOptions | None = None, *, stage
     if on_progress:
         on_progress(tally.progress())
 
+    # Every writer of this job has stopped: what a killed one left half-written goes (a local store's temporaries).
+    removed = store.remove_temporaries(results.IMAGES_PREFIX)
+    if removed:
+        log.info("removed %d temporary file(s) that killed writers left under %s/: %s", len(removed),
+                 store.root_uri, ", ".join(removed[:5]))
     final = results.read_results(store)
     summary = _summary(spec, tally, final, placement, identity, started_at, fusion_actors)
     sheet = contact_sheet.write_contact_sheet(store, final, title=f"{spec.job_id}",

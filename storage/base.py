@@ -83,6 +83,11 @@ class Store(abc.ABC):
     def arrow_filesystem(self) -> tuple[pafs.FileSystem, str]:
         """A pyarrow filesystem and the root's path in it, e.g. for `pyarrow.dataset` or Ray Data reads."""
 
+    def remove_temporaries(self, prefix: str = "") -> list[str]:
+        """Remove what writers killed mid-write left under `prefix` (call when no writer is running there); returns
+        what was removed. Stores whose writes leave nothing behind (S3 puts are whole) remove nothing."""
+        return []
+
     def read_parquet(self, key: str) -> pa.Table:
         return pq.read_table(pa.BufferReader(self.get(key)))
 

@@ -105,6 +105,20 @@ class LocalStore(Store):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def remove_temporaries(self, prefix: str = "") -> list[str]:
+        """Delete the temporary files (`.<name>.<32 hex>.part`) under the folder `prefix` names: a writer killed
+        between its write and its rename leaves one behind. Listings skip them; a finished job removes them."""
+        check_key(prefix, allow_empty=True)
+        start = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
+        removed = []
+        for folder, _dirs, files in os.walk(start):
+            for name in files:
+                if _TEMP_NAME.match(name):
+                    path = Path(folder) / name
+                    path.unlink(missing_ok=True)
+                    removed.append(path.relative_to(self.root).as_posix())
+        return sorted(removed)
+
     def uri_for(self, key: str) -> str:
         return self._path(key).as_uri()
 

@@ -311,10 +311,15 @@ def killed_then_resumed(ray_session, tiny_model_dir, tmp_path_factory):
             driver.kill()
     assert not store.exists(results.SUCCESS_FILE)
     before = load_results(spec.output)
-    images_before = snapshot(Path(spec.output) / "images")
+    # What the killed run left half-written, if anything, is not an image; plant one such temporary for certain.
+    images_before = {k: v for k, v in snapshot(Path(spec.output) / "images").items() if not k.endswith(".part")}
+    planted = Path(spec.output) / "images" / (".row-07.png." + "ab" * 16 + ".part")
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_bytes(b"half an image")
     resumed = run_pipeline(spec, PipelineOptions(block_rows=4, shard_rows=4),
                            stages=fault_stages(crash_marker=root / "crashed"))
     assert (root / "crashed").exists()
+    assert not planted.exists(), "a finished job leaves no temporary files in its images folder"
     return spec, before, images_before, resumed
 
 

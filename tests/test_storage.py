@@ -114,6 +114,24 @@ def test_local_writes_stay_under_root_and_leave_no_temp_files(tmp_path):
     assert isinstance(store, LocalStore) and store.root_uri == (tmp_path / "root").as_uri()
 
 
+def test_temporaries_of_a_killed_writer_are_skipped_then_removed(tmp_path):
+    store = open_store(str(tmp_path / "root"))
+    store.put("images/a.png", b"a")
+    store.put("results/s.parquet", b"s")
+    left = tmp_path / "root" / "images" / "sub" / (".b.png." + "0123456789abcdef" * 2 + ".part")
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"half")
+    lookalike = tmp_path / "root" / "images" / ".notes.part"  # not a temporary's name: kept
+    lookalike.write_bytes(b"n")
+    other = tmp_path / "root" / "results" / (".s.parquet." + "f" * 32 + ".part")
+    other.write_bytes(b"x")
+    assert store.list("images/") == ["images/.notes.part", "images/a.png"]
+    assert store.remove_temporaries("images/") == [f"images/sub/{left.name}"]
+    assert not left.exists() and lookalike.exists() and other.exists() and store.get("images/a.png") == b"a"
+    assert store.remove_temporaries("images/") == []
+    assert store.remove_temporaries() == [f"results/{other.name}"]
+
+
 def test_local_put_if_absent_race_has_one_winner(tmp_path):
     store = open_store(str(tmp_path))
     results: dict[int, bool] = {}
