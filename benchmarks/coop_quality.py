@@ -41,12 +41,6 @@ def thumb_correlation(a, b) -> list[float]:
     return [thumbnail_correlation(x, y) for x, y in zip(a, b)]
 
 
-def upsample(images, size):
-    from diffusion.evaluation import resize_images
-
-    return resize_images(images, size)
-
-
 def agreement(a: dict, b: dict, heads=("shape", "colour", "background", "pattern")) -> dict:
     return {h: float(np.mean([x == y for x, y in zip(a[h], b[h])])) for h in heads}
 
@@ -127,7 +121,7 @@ def main(argv=None) -> int:
     low_imgs = timed("low_plain", lambda: low.generate(req_lo))
     sr_imgs = timed("super_resolution", lambda: by_shape(req_lo, sr_batch))
     hi_imgs = timed("primary_plain", lambda: primary.generate(req_hi))
-    low_up = by_shape(req_hi, lambda idx: upsample([low_imgs[i] for i in idx], (req_hi[idx[0]].height,
+    low_up = by_shape(req_hi, lambda idx: evaluation.resize_images([low_imgs[i] for i in idx], (req_hi[idx[0]].height,
                                                                                  req_hi[idx[0]].width)))
     pred = {k: clf.predict(v) for k, v in (("low", low_up), ("sr", sr_imgs), ("plain", hi_imgs))}
     n = len(prompts)

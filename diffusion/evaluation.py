@@ -230,12 +230,15 @@ SKETCH_FOREGROUND, SKETCH_BACKGROUND = (150, 150, 150), (25, 25, 25)
 FOREGROUND_DISTANCE = 60.0
 
 
-def layout_sketch(shape: str, width: int, height: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A layout sketch for a control helper: `shape` in grey on near-black at a size and position drawn from `seed`
-    (the synthetic generator's), as uint8 (H, W, 3), and its boolean mask (pixels at least half covered)."""
+def layout_sketch(shape: str, width: int, height: int, seed: int = 0, *, size: str | None = None,
+                  position: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A layout sketch for a control helper: `shape` in grey on near-black at a size and position of the synthetic
+    generator (drawn from `seed` unless given), as uint8 (H, W, 3), and its boolean mask (pixels at least half
+    covered)."""
     rng = np.random.Generator(np.random.PCG64(seed))
-    size = list(synthetic.SIZES)[rng.integers(len(synthetic.SIZES))]
-    position = list(synthetic.POSITIONS)[rng.integers(len(synthetic.POSITIONS))]
+    drawn_size = list(synthetic.SIZES)[rng.integers(len(synthetic.SIZES))]
+    drawn_position = list(synthetic.POSITIONS)[rng.integers(len(synthetic.POSITIONS))]
+    size, position = size or drawn_size, position or drawn_position
     scene = synthetic.Scene(shape, "white", "black", "solid", size, position, width, height, 0, False)
     big = synthetic.shape_mask(scene)
     s = big.shape[0] // height

@@ -89,17 +89,11 @@ def build_coop_table() -> pa.Table:
 
 
 def control_images() -> dict[str, np.ndarray]:
-    """Layout sketches, 64x64 RGB: the shape in grey (150) on near-black (25), drawn by the synthetic generator."""
-    from diffusion import synthetic
+    """Layout sketches, 64x64 RGB: the shape in grey on near-black (`diffusion.evaluation.layout_sketch`)."""
+    from diffusion.evaluation import layout_sketch
 
-    out = {}
-    for name, shape, position in (("star.png", "star", "center"), ("triangle.png", "triangle", "left")):
-        scene = synthetic.Scene(shape, "white", "black", "solid", "large", position, 64, 64, 5, False)
-        big = synthetic.shape_mask(scene)
-        s = big.shape[0] // 64
-        cover = big.reshape(64, s, 64, s).mean(axis=(1, 3))[..., None]
-        out[name] = np.rint(25 + (150 - 25) * cover).repeat(3, axis=-1).astype(np.uint8)
-    return out
+    return {name: layout_sketch(shape, 64, 64, size="large", position=position)[0]
+            for name, shape, position in (("star.png", "star", "center"), ("triangle.png", "triangle", "left"))}
 
 
 def main() -> None:

@@ -128,6 +128,20 @@ def run_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scale_stages(recipe, stages: tuple[str, ...], scale: float):
+    """The recipe with each named stage's steps multiplied by `scale` (at least 1; checkpoints and logs follow)."""
+    updates = {}
+    for stage in stages:
+        cfg = getattr(recipe, stage)
+        if cfg is None:
+            continue
+        steps = max(1, int(round(cfg.steps * scale)))
+        updates[stage] = cfg.model_copy(update={
+            "steps": steps, "checkpoint_every": max(1, min(cfg.checkpoint_every, steps)),
+            "log_every": max(1, min(cfg.log_every, steps // 5 or 1))})
+    return recipe.model_copy(update=updates)
+
+
 def run_tiny(args: argparse.Namespace) -> int:
     from diffusion import synthetic
     from diffusion.training.recipe import TinyModelRecipe, build_tiny_model, shipped_model_dir
@@ -138,14 +152,7 @@ def run_tiny(args: argparse.Namespace) -> int:
     if args.scale != 1.0:
         if args.scale <= 0:
             raise UserError("--scale must be above 0")
-        updates = {}
-        for stage in ("vae", "structure", "texture"):
-            cfg = getattr(recipe, stage)
-            steps = max(1, int(round(cfg.steps * args.scale)))
-            updates[stage] = cfg.model_copy(update={
-                "steps": steps, "checkpoint_every": max(1, min(cfg.checkpoint_every, steps)),
-                "log_every": max(1, min(cfg.log_every, steps // 5 or 1))})
-        recipe = recipe.model_copy(update=updates)
+        recipe = _scale_stages(recipe, ("vae", "structure", "texture"), args.scale)
     out = Path(args.out) if args.out else shipped_model_dir()
     report = build_tiny_model(out, args.work, recipe)
     stages = report["stages"]
@@ -163,16 +170,7 @@ def run_helpers(args: argparse.Namespace) -> int:
     if args.scale != 1.0:
         if args.scale <= 0:
             raise UserError("--scale must be above 0")
-        updates = {}
-        for stage in ("vae", "unet"):
-            cfg = getattr(recipe, stage)
-            if cfg is None:
-                continue
-            steps = max(1, int(round(cfg.steps * args.scale)))
-            updates[stage] = cfg.model_copy(update={
-                "steps": steps, "checkpoint_every": max(1, min(cfg.checkpoint_every, steps)),
-                "log_every": max(1, min(cfg.log_every, steps // 5 or 1))})
-        recipe = recipe.model_copy(update=updates)
+        recipe = _scale_stages(recipe, ("vae", "unet"), args.scale)
     if args.base is not None and not (Path(args.base) / "model.json").is_file():
         raise UserError(f"--base {args.base}: not a model directory (no model.json)")
     names = tuple(args.only) if args.only else HELPER_NAMES

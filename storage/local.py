@@ -31,6 +31,11 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
+    def _folder_of(self, prefix: str) -> Path:
+        """The deepest folder a key prefix names (walks start there)."""
+        check_key(prefix, allow_empty=True)
+        return self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
+
     def _temp_beside(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
@@ -88,11 +93,8 @@ class LocalStore(Store):
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
-        check_key(prefix, allow_empty=True)
-        # Walk only the deepest folder the prefix names.
-        start = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
         keys = []
-        for folder, _dirs, files in os.walk(start):
+        for folder, _dirs, files in os.walk(self._folder_of(prefix)):
             rel = Path(folder).relative_to(self.root).as_posix()
             for name in files:
                 if _TEMP_NAME.match(name):
@@ -108,10 +110,8 @@ class LocalStore(Store):
     def remove_temporaries(self, prefix: str = "") -> list[str]:
         """Delete the temporary files (`.<name>.<32 hex>.part`) under the folder `prefix` names: a writer killed
         between its write and its rename leaves one behind. Listings skip them; a finished job removes them."""
-        check_key(prefix, allow_empty=True)
-        start = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
         removed = []
-        for folder, _dirs, files in os.walk(start):
+        for folder, _dirs, files in os.walk(self._folder_of(prefix)):
             for name in files:
                 if _TEMP_NAME.match(name):
                     path = Path(folder) / name
