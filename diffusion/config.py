@@ -113,6 +113,9 @@ class ModelConfig(_Frozen):
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    # Extra UNet input channels that carry a control image (diffusion.control: a layout map at latent resolution,
+    # concatenated to the latents at every step); 0 for a text-only model.
+    control_channels: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -126,8 +129,11 @@ class ModelConfig(_Frozen):
             ctx = self.text_encoder_1.width + self.text_encoder_2.width
             if unet.context_dim != ctx:
                 raise ValueError(f"{which}.context_dim is {unet.context_dim}, expected encoder widths sum {ctx}")
-            if unet.in_channels != self.vae.embed_dim:
-                raise ValueError(f"{which}.in_channels {unet.in_channels} != vae.embed_dim {self.vae.embed_dim}")
+            if unet.in_channels != self.vae.embed_dim + self.control_channels:
+                raise ValueError(f"{which}.in_channels {unet.in_channels} != vae.embed_dim {self.vae.embed_dim}"
+                                 + (f" + control_channels {self.control_channels}" if self.control_channels else ""))
+            if unet.out_channels != self.vae.embed_dim:
+                raise ValueError(f"{which}.out_channels {unet.out_channels} != vae.embed_dim {self.vae.embed_dim}")
         if self.monolithic and self.structure_unet != self.texture_unet:
             raise ValueError("a monolithic model uses one UNet config for both stages")
         return self

@@ -20,6 +20,8 @@ from mindspore import nn, ops
 from PIL import Image
 
 from diffusion import synthetic
+from diffusion.nets.layers import Conv2d
+from diffusion.control import FOREGROUND_DISTANCE, foreground_mask  # noqa: F401  (layout measures)
 from schemas.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,9 @@ class AttributeClassifier(nn.Cell):
         chans = [3, width // 2, width, width, width]
         layers = []
         for i in range(4):
-            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=1, pad_mode="pad", padding=1, has_bias=True),
+            layers += [Conv2d(chans[i], chans[i + 1], 3, stride=1, padding=1),
                        nn.ReLU(),
-                       nn.Conv2d(chans[i + 1], chans[i + 1], 3, stride=2, pad_mode="pad", padding=1, has_bias=True),
+                       Conv2d(chans[i + 1], chans[i + 1], 3, stride=2, padding=1),
                        nn.ReLU()]
         self.body = nn.SequentialCell(layers)
         self.feature_dim = 2 * width
@@ -227,7 +229,6 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 # ---------------------------------------------------------------- layout measures (Coop-Diffusion)
 
 SKETCH_FOREGROUND, SKETCH_BACKGROUND = (150, 150, 150), (25, 25, 25)
-FOREGROUND_DISTANCE = 60.0
 
 
 def layout_sketch(shape: str, width: int, height: int, seed: int = 0, *, size: str | None = None,
@@ -246,12 +247,6 @@ def layout_sketch(shape: str, width: int, height: int, seed: int = 0, *, size: s
     fg, bg = np.asarray(SKETCH_FOREGROUND, np.float32), np.asarray(SKETCH_BACKGROUND, np.float32)
     img = bg + (fg - bg) * cover[..., None]
     return np.rint(img).astype(np.uint8), cover >= 0.5
-
-
-def foreground_mask(image: np.ndarray, distance: float = FOREGROUND_DISTANCE) -> np.ndarray:
-    """Pixels of a uint8 (H, W, 3) image farther than `distance` (RGB) from the median colour of its border."""
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.float32)
-    return np.linalg.norm(image.astype(np.float32) - np.median(border, axis=0), axis=-1) > distance
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -12,6 +12,7 @@ the same image in any batch, and the two sampling calls give exactly the result 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -94,6 +95,9 @@ class Conditioning:
     branches: tuple[str, ...]
     context: np.ndarray  # (branches, tokens, context_dim) float32
     y: np.ndarray  # (branches, adm_in_channels) float32
+    # A control model's layout map (control_channels, h, w) at the row's latent size (diffusion.control); None: no
+    # control image (the all-zero map is used). Every guidance branch sees the same map.
+    control: np.ndarray | None = None
 
 
 @dataclass
@@ -298,8 +302,13 @@ class PanGuDraw:
 
     # ------------------------------------------------------------------ stages
 
-    def encode(self, requests: Sequence[GenerationRequest]) -> list[Conditioning]:
-        """Both text encoders for every active branch of every row; identical texts are encoded once."""
+    def encode(self, requests: Sequence[GenerationRequest],
+               control_images: Sequence[np.ndarray | None] | None = None) -> list[Conditioning]:
+        """Both text encoders for every active branch of every row; identical texts are encoded once.
+
+        `control_images` (a control model only: `config.control_channels` > 0): one uint8 (H, W, 3) image or None per
+        row, turned into the row's layout map (`with_control`).
+        """
         self._need("text_encoder_1", "text_encoder_2")
         plans = [self.plan(r) for r in requests]
         texts: dict[str, int] = {}
@@ -316,6 +325,29 @@ class PanGuDraw:
             bucket_vec = buckets.bucket_embedding(plan.size.bucket, self.config.bucket_embed_dim)
             y = np.concatenate([pooled[idx], np.broadcast_to(bucket_vec, (len(idx), bucket_vec.size))], axis=1)
             out.append(Conditioning(plan.branches, context[idx], y.astype(np.float32)))
+        if control_images is not None:
+            out = self.with_control(requests, out, control_images)
+        return out
+
+    def with_control(self, requests: Sequence[GenerationRequest], conds: Sequence[Conditioning],
+                     control_images: Sequence[np.ndarray | None]) -> list[Conditioning]:
+        """`conds` with each row's control image turned into its layout map at the row's latent size."""
+        from diffusion import control
+
+        if not self.config.control_channels:
+            raise ValueError(f"model {self.config.name} takes no control image (control_channels is 0)")
+        if len(control_images) != len(requests):
+            raise ValueError(f"{len(control_images)} control images for {len(requests)} rows")
+        out = []
+        for req, cond, image in zip(requests, conds, control_images):
+            _, h, w = self.plan(req).latent_shape
+            cmap = None
+            if image is not None:
+                image = np.asarray(image)
+                if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+                    raise ValueError(f"a control image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+                cmap = np.repeat(control.layout_map(image, (h, w)), self.config.control_channels, axis=0)
+            out.append(dataclasses.replace(cond, control=cmap))
         return out
 
     def _encode_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -382,15 +414,19 @@ class PanGuDraw:
         mean = self._per_row(self._fwd("vae_encode"), x)
         return mean * np.float32(self.config.vae.scale_factor)
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[np.ndarray]:
-        """All stages in one process, rows grouped by shape; returns one uint8 (H, W, 3) image per request."""
+    def generate(self, requests: Sequence[GenerationRequest],
+                 control_images: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
+        """All stages in one process, rows grouped by shape; returns one uint8 (H, W, 3) image per request.
+
+        `control_images`: a control model's per-row control images (see `encode`)."""
         out: list[np.ndarray | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(self.shape_key(self.plan(req), req), []).append(i)
         for idx in groups.values():
             batch = [requests[i] for i in idx]
-            latents = self.sample(batch, self.encode(batch))
+            controls = None if control_images is None else [control_images[i] for i in idx]
+            latents = self.sample(batch, self.encode(batch, controls))
             for i, img in zip(idx, self.decode(latents)):
                 out[i] = img
         return out  # type: ignore[return-value]
@@ -420,11 +456,16 @@ class PanGuDraw:
         context = np.concatenate([c.context for c in conds])
         y = np.concatenate([c.y for c in conds])
         offsets = np.concatenate([[0], np.cumsum(branch_counts)])
+        control_in = self._control_input(conds, plan)
+        if control_in is not None:
+            control_in = control_in[pair_row]
 
         def denoise(x_cur: np.ndarray, i: int) -> np.ndarray:
             which = "structure_unet" if i < plan.split else "texture_unet"
             sigma = np.float32(sigmas[i])
             x_in = x_cur[pair_row] / np.sqrt(sigma * sigma + np.float32(1.0))
+            if control_in is not None:
+                x_in = np.concatenate([x_in, control_in], axis=1)
             t = np.full(len(pair_row), plan.timesteps[i], dtype=np.int32)
             unet = self._fwd(which)
             if self.batch_invariant:
@@ -444,6 +485,24 @@ class PanGuDraw:
         sampler = samplers.get_sampler(requests[0].sampler)
         step_noise = noise.StepNoise([r.seed for r in requests], plan.latent_shape)
         return sampler(denoise, x, sigmas, steps, state, step_noise)
+
+    def _control_input(self, conds: Sequence[Conditioning], plan: Plan) -> np.ndarray | None:
+        """(B, control_channels, h, w) of a control model (zeros for rows without a map); None for other models."""
+        from diffusion import control
+
+        cc = self.config.control_channels
+        if not cc:
+            if any(c.control is not None for c in conds):
+                raise ValueError(f"model {self.config.name} takes no control image (control_channels is 0)")
+            return None
+        hw = plan.latent_shape[1:]
+        out = control.no_control(len(conds), cc, hw)
+        for r, c in enumerate(conds):
+            if c.control is not None:
+                if c.control.shape != (cc, *hw):
+                    raise ValueError(f"row {r}: control map of shape {c.control.shape}, expected {(cc, *hw)}")
+                out[r] = c.control
+        return out
 
     def _per_row(self, fn: Callable, x: np.ndarray) -> np.ndarray:
         if self.batch_invariant:

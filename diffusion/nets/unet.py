@@ -11,22 +11,22 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from diffusion.config import UNetConfig
-from diffusion.nets.layers import Attention, GroupNorm32, LayerNorm32, gelu_exact, timestep_embedding
+from diffusion.nets.layers import Attention, Conv2d, GroupNorm32, LayerNorm32, gelu_exact, timestep_embedding
 
 # sgm uses eps 1e-5 for the ResBlock/output norms and 1e-6 for the transformer's input norm.
 RESBLOCK_NORM_EPS = 1e-5
 TRANSFORMER_NORM_EPS = 1e-6
 
 
-def _conv3x3(cin: int, cout: int, stride: int = 1, dtype=ms.float32) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, stride=stride, pad_mode="pad", padding=1, has_bias=True, dtype=dtype)
+def _conv3x3(cin: int, cout: int, stride: int = 1, dtype=ms.float32) -> Conv2d:
+    return Conv2d(cin, cout, 3, stride=stride, padding=1, dtype=dtype)
 
 
-class InputConv(nn.Conv2d):
+class InputConv(Conv2d):
     """The first 3x3 convolution (`input_blocks.0.0`), with the block calling convention."""
 
     def __init__(self, cin: int, cout: int, dtype=ms.float32):
-        super().__init__(cin, cout, 3, pad_mode="pad", padding=1, has_bias=True, dtype=dtype)
+        super().__init__(cin, cout, 3, padding=1, dtype=dtype)
 
     def construct(self, x, emb=None, context=None):
         return super().construct(x)
@@ -48,7 +48,7 @@ class ResBlock(nn.Cell):
         ])
         self.has_skip_conv = channels != out_channels
         if self.has_skip_conv:
-            self.skip_connection = nn.Conv2d(channels, out_channels, 1, pad_mode="valid", has_bias=True, dtype=dtype)
+            self.skip_connection = Conv2d(channels, out_channels, 1, dtype=dtype)
         else:
             self.skip_connection = nn.Identity()
 

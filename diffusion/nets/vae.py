@@ -11,7 +11,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from diffusion.config import VAEConfig
-from diffusion.nets.layers import GroupNorm32
+from diffusion.nets.layers import Conv2d, GroupNorm32
 
 # LDM's `Normalize`: GroupNorm with eps 1e-6.
 _NORM_EPS = 1e-6
@@ -32,10 +32,9 @@ def _norm(channels: int, groups: int, dtype: ms.Type) -> nn.Cell:
     return GroupNorm32(groups, channels, eps=_NORM_EPS, dtype=dtype)
 
 
-def _conv(cin: int, cout: int, kernel: int, dtype: ms.Type, stride: int = 1, pad: int | None = None) -> nn.Conv2d:
+def _conv(cin: int, cout: int, kernel: int, dtype: ms.Type, stride: int = 1, pad: int | None = None) -> Conv2d:
     pad = kernel // 2 if pad is None else pad
-    return nn.Conv2d(cin, cout, kernel, stride=stride, pad_mode="pad" if pad else "valid", padding=pad,
-                     has_bias=True, dtype=dtype)
+    return Conv2d(cin, cout, kernel, stride=stride, padding=pad, dtype=dtype)
 
 
 class _ResnetBlock(nn.Cell):
