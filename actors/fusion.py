@@ -12,7 +12,7 @@ A manifest row asks for Coop-Diffusion by naming a `helper_model`; its other col
 
 Every mode ends in clean latents of the job's model, so the decode and write stages treat fused rows like plain
 ones. A helper model is a model directory `PanGuDraw.load` accepts, or a builtin alias (`builtin:tiny-sd15`,
-`builtin:tiny-lowres`; see `builtin_model_dir`). A control image URI is `s3://`, `file://`, an absolute path, or a
+`builtin:tiny-lowres`, `builtin:tiny-control`; see `builtin_model_dir`). A control image URI is `s3://`, `file://`, an absolute path, or a
 path relative to the folder of the manifest file that names it.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 
 from actors.base import ModelStage, failed_update
 from actors.rows import FAILED, load_row, pack, request_for
-from diffusion.config import ModelConfig, tiny_lowres_config, tiny_sd15_config
+from diffusion.config import ModelConfig, tiny_control_config, tiny_lowres_config, tiny_sd15_config
 from diffusion.model import COMPONENTS, TOKENIZER_DIRS, WEIGHT_FILES, GenerationRequest, PanGuDraw
 from schemas.errors import UserError
 from schemas.job import S3Settings
@@ -46,6 +46,7 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_HELPERS: dict[str, tuple[Callable[[str], ModelConfig], int]] = {
     "tiny-sd15": (tiny_sd15_config, 1),
     "tiny-lowres": (tiny_lowres_config, 2),
+    "tiny-control": (tiny_control_config, 3),
 }
 HELPER_EXPECTED = ("a model directory (model.json, weights, tokenizers) or one of "
                    + ", ".join(BUILTIN_PREFIX + name for name in BUILTIN_HELPERS))

@@ -226,5 +226,14 @@ def tiny_lowres_config(name: str = "tiny-lowres", *, model_channels: int = 32) -
     return ModelConfig.model_validate({**base.model_dump(), "bucket_scales": (0.0625,)})
 
 
+def tiny_control_config(name: str = "tiny-control", *, model_channels: int = 32) -> ModelConfig:
+    """`tiny_sd15_config()` trained to take an image: one control channel (a layout map, diffusion.control) beside
+    its 4 latent channels."""
+    base = tiny_sd15_config(name, model_channels=model_channels)
+    unet = base.structure_unet.model_copy(update={"in_channels": base.vae.embed_dim + 1})
+    return base.model_copy(update={"structure_unet": unet, "texture_unet": unet, "control_channels": 1})
+
+
 PRESETS["tiny-sd15"] = tiny_sd15_config()
+PRESETS["tiny-control"] = tiny_control_config()
 PRESETS["tiny-lowres"] = tiny_lowres_config()

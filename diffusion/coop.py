@@ -190,8 +190,9 @@ class CoopHelper:
 
     `window` is a fraction of the row's sampling steps: step i of N takes part when start <= i / N < end (the
     manifest's `helper_window`). `control_image` (uint8 (H, W, 3), or (B, H, W, 3) one per row) makes this a control
-    helper: its input each step is the control image in its latents, noised to the step's sigma, so its x0 prediction
-    carries the control's layout under its own prompt. `prompt`, `negative_prompt` and `guidance_scale` default to
+    helper. A control model (`config.control_channels` > 0, trained to take an image) reads the image's layout map
+    beside its latents (diffusion.control); any other model gets the control image in its latents, noised to each
+    step's sigma, as its input, so its x0 prediction carries the control's layout under its own prompt. `prompt`, `negative_prompt` and `guidance_scale` default to
     the row's.
     """
 
@@ -283,17 +284,26 @@ class _Link:
         self.to_primary = bridge(self.model, primary, self.plan.latent_shape, plan.latent_shape, clip=clip)
         self.from_primary = bridge(primary, self.model, plan.latent_shape, self.plan.latent_shape, clip=clip)
         self.control_latent = None
+        self.control_input = False
         if helper.control_image is not None:
-            pixels = images_to_pixels(helper.control_image)
-            if len(pixels) == 1:
-                pixels = np.repeat(pixels, len(requests), axis=0)
-            elif len(pixels) != len(requests):
-                raise ValueError(f"{len(pixels)} control images for {len(requests)} rows")
-            helper_space = latent_space(self.model)
-            size = (self.plan.latent_shape[1] * helper_space.factor, self.plan.latent_shape[2] * helper_space.factor)
-            self.control_latent = (helper_space.encode(resize_pixels(pixels, size))
-                                   * np.float32(helper_space.scale)).astype(np.float32)
-            self.anchor_noise = _row_noise(self.seeds, self.plan.latent_shape, _CONTROL_ANCHOR, index)
+            images = helper.control_image if helper.control_image.ndim == 4 else helper.control_image[None]
+            if len(images) == 1:
+                images = np.repeat(images, len(requests), axis=0)
+            elif len(images) != len(requests):
+                raise ValueError(f"{len(images)} control images for {len(requests)} rows")
+            if self.model.config.control_channels:
+                # A control model reads the image itself: its layout map goes in with the latents every step.
+                self.conds = self.model.with_control(self.requests, self.conds, list(images))
+                self.control_input = True
+            else:
+                # Any other model sees the control through its input latents: the image in its latent space,
+                # noised to each step's sigma with noise fixed per row.
+                helper_space = latent_space(self.model)
+                size = (self.plan.latent_shape[1] * helper_space.factor,
+                        self.plan.latent_shape[2] * helper_space.factor)
+                pixels = resize_pixels(images_to_pixels(images), size)
+                self.control_latent = (helper_space.encode(pixels) * np.float32(helper_space.scale)).astype(np.float32)
+                self.anchor_noise = _row_noise(self.seeds, self.plan.latent_shape, _CONTROL_ANCHOR, index)
         self.latent_key = f"coop{index}_latent"
         self.step_key = f"coop{index}_step"
 
@@ -440,7 +450,8 @@ class CoopFusion:
             "window": list(link.helper.window),
             "bridge": "identity" if link.to_primary.identity else "pixel",
             "helper_size": [link.plan.size.width, link.plan.size.height],
-            "control": link.control_latent is not None,
+            "control": link.control_latent is not None or link.control_input,
+            "control_mode": "input" if link.control_input else "latents" if link.control_latent is not None else None,
             "steps": list(self.calls[link.index]),
         } for link in self.links]
 

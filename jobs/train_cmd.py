@@ -1,7 +1,8 @@
 """`pangudraw train ...`: the synthetic data set, the shipped tiny model's recipe, and single training stages.
 
     pangudraw train tiny                      # reproduce the shipped tiny model (data, VAE, structure, texture)
-    pangudraw train helpers                   # reproduce the shipped Coop-Diffusion helpers (tiny-lowres, tiny-sd15)
+    pangudraw train helpers                   # reproduce the shipped Coop-Diffusion helpers (tiny-lowres, tiny-sd15,
+                                              # tiny-control)
     pangudraw train data --out data.parquet   # the synthetic bilingual data set alone
     pangudraw train unet --mode structure --data data.parquet --model BASE_DIR --out OUT_DIR --steps 1200
     pangudraw train vae --data s3://bucket/data/ --model BASE_DIR --out OUT_DIR
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tiny.set_defaults(func=run_tiny)
 
     helpers = tsub.add_parser("helpers", help="reproduce the shipped Coop-Diffusion helper models "
-                                              "(tiny-lowres, tiny-sd15) on the tiny model's text encoders")
+                                              "(tiny-lowres, tiny-sd15, tiny-control) on the tiny model's text encoders")
     helpers.add_argument("--out", default=None,
                          help="folder to write the helpers' model directories into (default: diffusion/shipped/ in "
                               "this checkout)")
@@ -47,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     helpers.add_argument("--base", default=None,
                          help="model directory whose tokenizers, text encoders (and VAE, for tiny-lowres) the "
                               "helpers use (default: the shipped tiny model)")
-    helpers.add_argument("--only", choices=["tiny-lowres", "tiny-sd15"], action="append", default=None,
+    helpers.add_argument("--only", choices=["tiny-lowres", "tiny-sd15", "tiny-control"], action="append", default=None,
                          help="train only this helper (may be repeated)")
     helpers.add_argument("--scale", type=float, default=1.0,
                          help="multiply every stage's steps by this (a quick look: 0.1)")

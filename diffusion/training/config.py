@@ -60,6 +60,9 @@ class DiffusionTrainConfig(LoopConfig):
     # learns the triggers as no-ops and the default aesthetic scale leaves an image unchanged.
     style_trigger_rate: float = Field(0.05, ge=0, le=1)
     caption_columns: tuple[str, ...] | None = None
+    # A control model (ModelConfig.control_channels > 0): share of rows given the all-zero control map, so the model
+    # also generates without a control image.
+    control_dropout: float = Field(0.1, ge=0, le=1)
 
     def resolved(self) -> "DiffusionTrainConfig":
         """The same config with every None replaced by the default of its mode."""

@@ -52,6 +52,21 @@ class DiffusionLoss(nn.Cell):
         return ops.mean(ops.square(eps.astype(ms.float32) - noise))
 
 
+class ControlDiffusionLoss(DiffusionLoss):
+    """`DiffusionLoss` of a control model: the layout map (diffusion.control) is concatenated to x_t's channels."""
+
+    def construct(self, latents, noise, sqrt_alpha, sqrt_one_minus_alpha, timesteps, ids_1, ids_2, bucket_vec,
+                  control):
+        hidden_1 = self.text_encoder_1(ids_1)
+        hidden_2, pooled = self.text_encoder_2(ids_2)
+        context = ops.concat((hidden_1, hidden_2), axis=-1)
+        y = ops.concat((pooled, bucket_vec), axis=-1)
+        b = latents.shape[0]
+        x_t = sqrt_alpha.reshape(b, 1, 1, 1) * latents + sqrt_one_minus_alpha.reshape(b, 1, 1, 1) * noise
+        eps = self.unet(ops.concat((x_t, control), axis=1), timesteps, context, y)
+        return ops.mean(ops.square(eps.astype(ms.float32) - noise))
+
+
 def timestep_range(mode: str, switch_timestep: int, num_train_timesteps: int) -> tuple[int, int]:
     """[low, high) of the timesteps a trainer of `mode` draws from."""
     if mode == "structure":
@@ -91,6 +106,13 @@ class DiffusionTrainer:
         self.captions = data.captions
         self.latents = self._encode_latents()
         shapes = {b: v.shape[1:] for b, v in self.latents.items()}
+        # A control model learns from each image's own layout map (diffusion.control), at its latent size.
+        self.controls: dict[int, np.ndarray] | None = None
+        if mc.control_channels:
+            from diffusion import control
+
+            self.controls = {b: np.repeat(control.layout_maps(self.bucketed.images[b], shapes[b][1:]),
+                                          mc.control_channels, axis=1) for b in self.latents}
         self.crop = config.crop_latent
         if self.crop:
             too_small = {b: s for b, s in shapes.items() if min(s[1], s[2]) < self.crop}
@@ -109,7 +131,8 @@ class DiffusionTrainer:
         else:
             model.nets["text_encoder_1"].set_train(False)
             model.nets["text_encoder_2"].set_train(False)
-        loss = DiffusionLoss(model.nets[self.unet_name], model.nets["text_encoder_1"], model.nets["text_encoder_2"])
+        loss_cls = ControlDiffusionLoss if self.controls is not None else DiffusionLoss
+        loss = loss_cls(model.nets[self.unet_name], model.nets["text_encoder_1"], model.nets["text_encoder_2"])
         describe = {"trainer": "diffusion", "mode": config.mode, "timesteps": [self.low, self.high],
                     "rows_total": self.bucketed.rows_total, "rows_used": self.bucketed.rows_used}
         self.loop = TrainingLoop(self.run_dir, config, nets, loss, describe=describe)
@@ -167,16 +190,20 @@ class DiffusionTrainer:
         if self.crop:
             picks = [self._flat[m] for m in members]
             c = self.crop
-            latents = []
+            latents, controls = [], []
             for b, i in picks:
                 lat = self.latents[b][i]
                 oy = rng.integers(lat.shape[1] - c + 1)
                 ox = rng.integers(lat.shape[2] - c + 1)
                 latents.append(lat[:, oy:oy + c, ox:ox + c])
+                if self.controls is not None:
+                    controls.append(self.controls[b][i][:, oy:oy + c, ox:ox + c])
             x0 = np.stack(latents)
+            control_maps = np.stack(controls) if controls else None
         else:
             picks = [(key, int(m)) for m in members]
             x0 = self.latents[key][members]
+            control_maps = self.controls[key][members] if self.controls is not None else None
         rows = [int(self.bucketed.source[b][i]) for b, i in picks]
         texts = [self._caption(rng, r) for r in rows]
         mc = self.model.config
@@ -189,6 +216,9 @@ class DiffusionTrainer:
         bucket_vec = np.stack([buckets.bucket_embedding(b, dim) for b, _ in picks])
         inputs = (x0.astype(np.float32), noise, self.sqrt_alpha[t], self.sqrt_one_minus_alpha[t], t, ids_1, ids_2,
                   bucket_vec)
+        if control_maps is not None:
+            dropped = rng.random(len(rows)) < cfg.control_dropout
+            inputs += (np.where(dropped[:, None, None, None], np.float32(0.0), control_maps).astype(np.float32),)
         return Batch(inputs, images=len(rows), pixels=int(x0.shape[2] * x0.shape[3]))
 
     # ------------------------------------------------------------------ training

@@ -5,6 +5,8 @@
                  super-resolution and the resolution bridge
     tiny-sd15    another latent space: an f=8 VAE (8x8 latents at 64x64 where the shipped model has 16x16), started
                  as an exact 8x8 patch-mean autoencoder and fine-tuned, its own latent scale, one monolithic UNet
+    tiny-control tiny-sd15's layout trained to take an image: a layout map of each training image (its foreground,
+                 diffusion.control) enters as a fifth UNet input channel, dropped for 10% of rows
 
 Both take their tokenizers and text encoders from the base model (the shipped tiny model by default) and keep them
 frozen, so a helper reads a prompt the way the primary does. Each stage writes a model directory and is skipped when
@@ -24,7 +26,7 @@ from diffusion.training.config import DiffusionTrainConfig, OptimConfig, VAETrai
 
 log = logging.getLogger(__name__)
 
-HELPER_NAMES = ("tiny-lowres", "tiny-sd15")
+HELPER_NAMES = ("tiny-lowres", "tiny-sd15", "tiny-control")
 
 
 def shipped_helper_dir(name: str) -> Path:
@@ -39,9 +41,13 @@ def helper_config(name: str, base: ModelConfig) -> ModelConfig:
     cfg = base.model_copy(update={"name": name, "monolithic": True})
     if name == "tiny-lowres":
         return cfg.model_copy(update={"bucket_scales": tuple(s / 2 for s in base.bucket_scales)})
-    if name == "tiny-sd15":
+    if name in ("tiny-sd15", "tiny-control"):
         vae = base.vae.model_copy(update={"ch_mult": (*base.vae.ch_mult, base.vae.ch_mult[-1]), "scale_factor": 1.0})
-        return cfg.model_copy(update={"vae": vae})
+        cfg = cfg.model_copy(update={"vae": vae})
+        if name == "tiny-control":
+            unet = cfg.structure_unet.model_copy(update={"in_channels": vae.embed_dim + 1})
+            cfg = cfg.model_copy(update={"structure_unet": unet, "texture_unet": unet, "control_channels": 1})
+        return cfg
     raise ValueError(f"unknown helper {name!r}; shipped helpers: {', '.join(HELPER_NAMES)}")
 
 
@@ -143,6 +149,9 @@ def _describe(name: str, cfg: ModelConfig, recipe: HelperRecipe, base_dir: Path)
     what = ("the shipped tiny model's latent space at half the side (32x32, bucket scale 1/16)"
             if name == "tiny-lowres" else
             f"its own f=8 VAE (latent scale {cfg.vae.scale_factor:.4g}), 8x8 latents at 64x64")
+    if cfg.control_channels:
+        what += ("; a control model: the layout map of a control image (its foreground, diffusion.control) is a "
+                 "fifth UNet input channel")
     return (f"{name}: a Coop-Diffusion helper trained on the synthetic bilingual data: {what}; one monolithic UNet, "
             f"{u.steps} steps x {u.batch_size}, text encoders and tokenizers of {base_dir.name} (frozen). "
             f"Reproduce with `pangudraw train helpers`.")
