@@ -12,8 +12,10 @@ A manifest row asks for Coop-Diffusion by naming a `helper_model`; its other col
 
 Every mode ends in clean latents of the job's model, so the decode and write stages treat fused rows like plain
 ones. A helper model is a model directory `PanGuDraw.load` accepts, or a builtin alias (`builtin:tiny-sd15`,
-`builtin:tiny-lowres`, `builtin:tiny-control`; see `builtin_model_dir`). A control image URI is `s3://`, `file://`, an absolute path, or a
-path relative to the folder of the manifest file that names it.
+`builtin:tiny-lowres`, `builtin:tiny-control`; see `builtin_model_dir`). A helper trained to take an image
+(`control_channels` > 0, such as tiny-control) reads a control row's image as an input; any other helper sees it
+through its latents (diffusion.coop). A control image URI is `s3://`, `file://`, an absolute path, or a path
+relative to the folder of the manifest file that names it.
 """
 from __future__ import annotations
 

@@ -12,12 +12,15 @@ first compilations.
 Control: each prompt gets a layout sketch (the prompt's shape in grey on black at a random size and position,
 `evaluation.layout_sketch`). A helper sees the sketch through its input latents (a control helper) and joins the
 primary over a window of early steps with a weight: tiny-sd15 (another latent space) and tiny-lowres (the primary's
-latent space at 32x32). Arms: the primary alone, each helper alone (weight 1, every step), and fused settings.
+latent space at 32x32). tiny-control (tiny-sd15's layout, trained to take the image) reads the sketch's layout map
+as an input channel instead (diffusion.control) and keeps the row's guidance. Arms: the primary alone, each helper alone (weight 1, every step), and fused settings.
 Control followed = IoU of the image's foreground (pixels far from its border colour) with the sketch's shape, and
 the classifier's shape against the sketch's; prompt followed = classifier colour, background and pattern.
 
     python benchmarks/coop_quality.py                       # shipped primary, shipped helpers, 24 prompts
     python benchmarks/coop_quality.py --count 48 --steps 20 --out benchmarks/results/coop_quality.json
+    python benchmarks/coop_quality.py --parts control --control-helpers tiny-control --bridge "" \
+        --out benchmarks/results/coop_quality_control_model.json
 """
 from __future__ import annotations
 
@@ -85,8 +88,15 @@ def main(argv=None) -> int:
                              "guidance scale defaults to the row's)")
     parser.add_argument("--bridge", default="0.5:0:1,0.8:0:0.5,1:0:0.5",
                         help="plain latent-bridge settings with tiny-sd15 and no control, WEIGHT:START:END[:GUIDANCE]")
-    parser.add_argument("--control-helpers", default="tiny-sd15,tiny-lowres",
+    parser.add_argument("--control-helpers", default="tiny-sd15,tiny-lowres,tiny-control",
                         help="helpers that take the control arms, comma separated")
+    parser.add_argument("--control-model", help="model trained to take the control image (default: the shipped "
+                                                "tiny-control)")
+    parser.add_argument("--control-model-fused", default="0.5:0:1,0.8:0:0.3,0.8:0:0.5,0.5:0:0.5,1:0:0.3",
+                        help="settings of the control model's arms WEIGHT:START:END[:HELPER_GUIDANCE] (it reads the "
+                             "image as an input, so it keeps the row's guidance by default)")
+    parser.add_argument("--parts", default="super_resolution,control",
+                        help="which parts to run, comma separated (super_resolution, control)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "coop_quality.json"))
     parser.add_argument("--grid", help="also write a contact sheet (PNG) of the sketches and every arm")
     args = parser.parse_args(argv)
@@ -99,6 +109,10 @@ def main(argv=None) -> int:
     primary = PanGuDraw.load(args.primary or default_model_dir(), batch_invariant=False)
     low = PanGuDraw.load(args.low or shipped_helper_dir("tiny-lowres"), batch_invariant=False)
     other = PanGuDraw.load(args.other or shipped_helper_dir("tiny-sd15"), batch_invariant=False)
+    parts = set(args.parts.split(","))
+    control_model = None
+    if "tiny-control" in args.control_helpers.split(","):
+        control_model = PanGuDraw.load(args.control_model or shipped_helper_dir("tiny-control"), batch_invariant=False)
     clf = evaluation.Classifier.load(args.classifier)
     prompts = synthetic.evaluation_prompts(args.count)
     targets = [asdict(p) for p in prompts]
@@ -113,35 +127,37 @@ def main(argv=None) -> int:
         return out
 
     # ---------------------------------------------------------------- super-resolution
-    def sr_batch(idx):
-        return list(primary.decode(coop.super_resolve(low, primary, [req_lo[i] for i in idx], args.t_switch)))
-
-    # Graphs compile per batch shape: one untimed pass of each at the timed batches, then the timed pass.
-    low.generate(req_lo), by_shape(req_lo, sr_batch), primary.generate(req_hi)
-    low_imgs = timed("low_plain", lambda: low.generate(req_lo))
-    sr_imgs = timed("super_resolution", lambda: by_shape(req_lo, sr_batch))
-    hi_imgs = timed("primary_plain", lambda: primary.generate(req_hi))
-    low_up = by_shape(req_hi, lambda idx: evaluation.resize_images([low_imgs[i] for i in idx], (req_hi[idx[0]].height,
-                                                                                 req_hi[idx[0]].width)))
-    pred = {k: clf.predict(v) for k, v in (("low", low_up), ("sr", sr_imgs), ("plain", hi_imgs))}
     n = len(prompts)
-    sr_report = {
-        "t_switch": args.t_switch,
-        "seconds_per_image": {"super_resolution": seconds["super_resolution"] / n,
-                              "primary_plain_full_size": seconds["primary_plain"] / n,
-                              "low_plain": seconds["low_plain"] / n},
-        "cost_ratio_sr_over_plain": seconds["super_resolution"] / seconds["primary_plain"],
-        "thumbnail_correlation_with_low_image": {
-            "super_resolution": float(np.mean(thumb_correlation(sr_imgs, low_up))),
-            "primary_plain_same_seed": float(np.mean(thumb_correlation(hi_imgs, low_up))),
-        },
-        "classifier_agreement_with_low_image": {
-            "super_resolution": agreement(pred["sr"], pred["low"]),
-            "primary_plain_same_seed": agreement(pred["plain"], pred["low"]),
-        },
-        "adherence": {k: evaluation.adherence(v, targets) for k, v in pred.items()},
-    }
-    print(json.dumps({"super_resolution": sr_report}, indent=1))
+    sr_report = None
+    if "super_resolution" in parts:
+        def sr_batch(idx):
+            return list(primary.decode(coop.super_resolve(low, primary, [req_lo[i] for i in idx], args.t_switch)))
+
+        # Graphs compile per batch shape: one untimed pass of each at the timed batches, then the timed pass.
+        low.generate(req_lo), by_shape(req_lo, sr_batch), primary.generate(req_hi)
+        low_imgs = timed("low_plain", lambda: low.generate(req_lo))
+        sr_imgs = timed("super_resolution", lambda: by_shape(req_lo, sr_batch))
+        hi_imgs = timed("primary_plain", lambda: primary.generate(req_hi))
+        low_up = by_shape(req_hi, lambda idx: evaluation.resize_images(
+            [low_imgs[i] for i in idx], (req_hi[idx[0]].height, req_hi[idx[0]].width)))
+        pred = {k: clf.predict(v) for k, v in (("low", low_up), ("sr", sr_imgs), ("plain", hi_imgs))}
+        sr_report = {
+            "t_switch": args.t_switch,
+            "seconds_per_image": {"super_resolution": seconds["super_resolution"] / n,
+                                  "primary_plain_full_size": seconds["primary_plain"] / n,
+                                  "low_plain": seconds["low_plain"] / n},
+            "cost_ratio_sr_over_plain": seconds["super_resolution"] / seconds["primary_plain"],
+            "thumbnail_correlation_with_low_image": {
+                "super_resolution": float(np.mean(thumb_correlation(sr_imgs, low_up))),
+                "primary_plain_same_seed": float(np.mean(thumb_correlation(hi_imgs, low_up))),
+            },
+            "classifier_agreement_with_low_image": {
+                "super_resolution": agreement(pred["sr"], pred["low"]),
+                "primary_plain_same_seed": agreement(pred["plain"], pred["low"]),
+            },
+            "adherence": {k: evaluation.adherence(v, targets) for k, v in pred.items()},
+        }
+        print(json.dumps({"super_resolution": sr_report}, indent=1))
 
     # ---------------------------------------------------------------- control through a latent bridge
     sketches = [evaluation.layout_sketch(p.shape, r.width, r.height, seed=p.seed + 777)
@@ -152,9 +168,12 @@ def main(argv=None) -> int:
         name = f"bridge_tiny-sd15_w{w:g}_window{a:g}-{b:g}" + (f"_guidance{g[0]:g}" if g else "")
         arms[name] = (other, w, a, b, g[0] if g else None, False)
     for helper_name in args.control_helpers.split(","):
-        helper_model = {"tiny-sd15": other, "tiny-lowres": low}[helper_name]
+        if "control" not in parts:
+            break
+        helper_model = {"tiny-sd15": other, "tiny-lowres": low, "tiny-control": control_model}[helper_name]
         arms[f"{helper_name}_alone"] = (helper_model, 1.0, 0.0, 1.0, None, True)
-        for spec in filter(None, args.fused.split(",")):
+        specs = args.control_model_fused if helper_model.config.control_channels else args.fused
+        for spec in filter(None, specs.split(",")):
             w, a, b, *g = (float(v) for v in spec.split(":"))
             name = f"{helper_name}_w{w:g}_window{a:g}-{b:g}" + (f"_guidance{g[0]:g}" if g else "")
             arms[name] = (helper_model, w, a, b, g[0] if g else None, True)
@@ -193,7 +212,10 @@ def main(argv=None) -> int:
         "models": {"primary": str(args.primary or default_model_dir()),
                    "low": str(args.low or shipped_helper_dir("tiny-lowres")),
                    "other": str(args.other or shipped_helper_dir("tiny-sd15")),
-                   "identities": {"primary": primary.identity, "low": low.identity, "other": other.identity}},
+                   "control": None if control_model is None else str(args.control_model
+                                                                     or shipped_helper_dir("tiny-control")),
+                   "identities": {"primary": primary.identity, "low": low.identity, "other": other.identity,
+                                  "control": None if control_model is None else control_model.identity}},
         "prompts": {"count": n, "heldout": True, "steps": args.steps, "guidance_scale": args.guidance_scale,
                     "aesthetic_scale": args.aesthetic_scale},
         "super_resolution": sr_report,
@@ -209,8 +231,10 @@ def main(argv=None) -> int:
     if args.grid:
         from PIL import Image
 
-        columns = [("sketch", [s for s, _ in sketches]), ("low", low_up), ("super-res", sr_imgs),
-                   ("plain", hi_imgs)] + list(arm_images.items())
+        columns = [("sketch", [s for s, _ in sketches])]
+        if sr_report is not None:
+            columns += [("low", low_up), ("super-res", sr_imgs), ("plain", hi_imgs)]
+        columns += list(arm_images.items())
         cell = 84
         sheet = Image.new("RGB", (cell * len(columns), cell * n), (255, 255, 255))
         for c, (_, imgs) in enumerate(columns):

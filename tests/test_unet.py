@@ -193,3 +193,42 @@ def test_gelu_exact_matches_the_erf_definition():
     assert np.abs(got - expected).max() < 1e-6
     half = layers.gelu_exact(ms.Tensor(x.astype(np.float16)))
     assert half.dtype == ms.float16
+
+
+@pytest.mark.parametrize("kernel,stride,padding,hw", [(3, 1, 1, (10, 12)), (3, 2, 1, (16, 16)), (3, 2, 0, (9, 13)),
+                                                      (1, 1, 0, (8, 6))])
+def test_im2col_convolution_equals_mindspores_own(monkeypatch, kernel, stride, padding, hw):
+    """layers.Conv2d computes on CPU as im2col + matmul; MindSpore's kernel (PANGUDRAW_CONV=native) gives the same
+    sums, forward and in the weight gradients, and both have the parameter names of nn.Conv2d."""
+    from mindspore import nn
+
+    convs = {}
+    for mode in ("native", "im2col"):
+        monkeypatch.setenv("PANGUDRAW_CONV", mode)
+        convs[mode] = layers.Conv2d(6, 5, kernel, stride=stride, padding=padding)
+        assert convs[mode].im2col == (mode == "im2col")
+    monkeypatch.delenv("PANGUDRAW_CONV")
+    assert layers.im2col_convolution() is (ms.get_context("device_target") == "CPU")
+    randomize(convs["native"], 3)
+    for name, p in convs["native"].parameters_and_names():
+        dict(convs["im2col"].parameters_and_names())[name].set_data(p.value())
+    assert sorted(n for n, _ in convs["im2col"].parameters_and_names()) == ["bias", "weight"]
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((3, 6, *hw), dtype=np.float32))
+    outs = {m: ms.jit(c.construct)(x).asnumpy() for m, c in convs.items()}
+    assert outs["native"].shape == outs["im2col"].shape
+    np.testing.assert_allclose(outs["im2col"], outs["native"], rtol=1e-5, atol=1e-5)
+
+    class Loss(nn.Cell):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def construct(self, x):
+            return (self.net(x) ** 2).mean()
+
+    grads = {m: ms.value_and_grad(Loss(c), None, c.trainable_params())(x)[1] for m, c in convs.items()}
+    for a, b in zip(grads["native"], grads["im2col"]):
+        np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=1e-4, atol=1e-5)
+    monkeypatch.setenv("PANGUDRAW_CONV", "fast")
+    with pytest.raises(ValueError, match="PANGUDRAW_CONV must be auto, native or im2col"):
+        layers.im2col_convolution()
