@@ -6,8 +6,9 @@ examples/coop.parquet      Coop-Diffusion rows of every mode (latent bridge, con
                            beside a plain row, for `pangudraw run examples/coop.parquet`
 examples/control/*.png     the control images coop.parquet names (paths relative to the manifest's folder)
 
-The builtin helper models coop.parquet names (`builtin:tiny-sd15`, `builtin:tiny-lowres`) are the shipped trained
-helpers (`actors.fusion.builtin_model_dir`; random stand-ins in the user's cache where a checkout has none).
+The builtin helper models coop.parquet names (`builtin:tiny-sd15`, `builtin:tiny-lowres`, `builtin:tiny-control`)
+are the shipped trained helpers (`actors.fusion.builtin_model_dir`; random stand-ins in the user's cache where a
+checkout has none).
 """
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ def build_table() -> pa.Table:
 
 # Coop-Diffusion rows for the default (tiny, 64x64) model, in the synthetic vocabulary it was trained on. Helpers
 # (shipped, trained; docs/coop_diffusion.md): `builtin:tiny-sd15` has another latent space (its own f=8 VAE, 8x8
-# latents at 64x64, one UNet); `builtin:tiny-lowres` makes 32x32 images in the tiny latent space. The control rows
-# give a layout sketch (a grey shape on black) that the helper sees; the primary keeps the prompt's colours.
+# latents at 64x64, one UNet); `builtin:tiny-lowres` makes 32x32 images in the tiny latent space;
+# `builtin:tiny-control` was trained to take a layout image as an input. The control rows give a layout sketch (a
+# grey shape on black) that the helper sees; the primary keeps the prompt's colours.
 # (row_id, prompt, helper_model, helper_weight, helper_window, control_image_uri, width, height, output_width,
 #  output_height, seed, mode)
 COOP_ROWS = [
@@ -70,6 +72,8 @@ COOP_ROWS = [
      "control/star.png", None, None, None, None, 21, "control (SD-1.5-style helper sees a star sketch)"),
     ("control-triangle-lowres", "黄色圆点三角形，紫色背景", "builtin:tiny-lowres", 0.8, "0:0.5",
      "control/triangle.png", None, None, None, None, 22, "control (32x32 helper sees a triangle sketch)"),
+    ("control-star-model", "a yellow dotted star on a purple background", "builtin:tiny-control", 0.5, "0:1",
+     "control/star.png", None, None, None, None, 23, "control (a model trained to take the sketch as input)"),
     ("sr-lowres", "green checked square, white background", "builtin:tiny-lowres", None, None, None, 32, 32, 64, 64,
      24, "super-resolution 32 -> 64"),
     ("sr-lowres-zh", "橙色纯色圆形，黑色背景", "builtin:tiny-lowres", None, None, None, 32, 32, 64, 64, 25,
