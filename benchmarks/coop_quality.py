@@ -15,7 +15,8 @@ primary over a window of early steps with a weight: tiny-sd15 (another latent sp
 latent space at 32x32). tiny-control (tiny-sd15's layout, trained to take the image) reads the sketch's layout map
 as an input channel instead (diffusion.control) and keeps the row's guidance. Arms: the primary alone, each helper alone (weight 1, every step), and fused settings.
 Control followed = IoU of the image's foreground (pixels far from its border colour) with the sketch's shape, and
-the classifier's shape against the sketch's; prompt followed = classifier colour, background and pattern.
+the classifier's shape against the sketch's; prompt followed = classifier colour, background and pattern; both
+together (`control_and_prompt`) = the share of images with IoU >= 0.5 and the prompt's colour and background.
 
     python benchmarks/coop_quality.py                       # shipped primary, shipped helpers, 24 prompts
     python benchmarks/coop_quality.py --count 48 --steps 20 --out benchmarks/results/coop_quality.json
@@ -58,6 +59,9 @@ def requests_for(model, prompts, steps, guidance, aesthetic):
         out.append(GenerationRequest(prompt=p.prompt, seed=p.seed, width=w, height=h, steps=steps,
                                      guidance_scale=guidance, aesthetic_scale=aesthetic))
     return out
+
+
+JOINT_IOU = 0.5
 
 
 def by_shape(requests, fn):
@@ -195,11 +199,17 @@ def main(argv=None) -> int:
         p = clf.predict(imgs)
         ious = [evaluation.mask_iou(evaluation.foreground_mask(img), mask)
                 for img, (_, mask) in zip(imgs, sketches)]
+        # Prompt and control together, per image: the shape on the sketch (IoU >= 0.5) in the prompt's colour on
+        # the prompt's background.
+        joint = [iou >= JOINT_IOU and p["colour"][i] == t["colour"] and p["background"][i] == t["background"]
+                 for i, (iou, t) in enumerate(zip(ious, targets))]
         control_report[name] = {
             "helper": None if helper_model is None else helper_model.config.name, "weight": w, "window": [a, b],
             "helper_guidance_scale": g, "control_image": control,
             "seconds_per_image": seconds[name] / n,
             "control_iou": float(np.mean(ious)),
+            "control_iou_at_least_0.5": float(np.mean([iou >= JOINT_IOU for iou in ious])),
+            "control_and_prompt": float(np.mean(joint)),
             "control_shape_accuracy": evaluation.adherence(p, targets)["shape"],
             "prompt_adherence": {k: v for k, v in evaluation.adherence(p, targets).items() if k != "shape"},
         }

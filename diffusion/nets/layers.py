@@ -44,9 +44,10 @@ IM2COL_MAX_BYTES = 1 << 30
 def im2col_convolution() -> bool:
     """Whether convolutions built now run as im2col + one matmul: on CPU, unless PANGUDRAW_CONV=native.
 
-    MindSpore 2.10's CPU convolution kernel reaches about 0.5 GMAC/s at this project's sizes where its matmul
-    reaches 145 (benchmarks/conv_cpu.py); `ops.unfold` + `ops.matmul` computes the same sums 20-30x faster forward
-    and 5-8x faster forward + backward. On Ascend the native kernel (the cube unit) is used.
+    On the 2-core machines of this project MindSpore 2.10's CPU convolution kernel ran at 0.1-0.7 GMAC/s at the
+    sizes our networks use, where `ops.unfold` + `ops.matmul` computes the same sums 13-57x faster forward and 4-14x
+    faster forward + backward (benchmarks/results/conv_cpu.json; the bench-small UNet forward at batch 2: 4.48 s
+    native, 0.245 s im2col). On Ascend the native kernel (the cube unit) is used.
     """
     mode = os.environ.get("PANGUDRAW_CONV", "auto")
     if mode not in ("auto", "native", "im2col"):
@@ -68,17 +69,22 @@ class Conv2d(nn.Conv2d):
         self.im2col = im2col_convolution()
 
     def construct(self, x):
+        return self.convolve(x)
+
+    def convolve(self, x):
+        """The convolution (subclasses with another calling convention call this)."""
         b, c, h, w = x.shape
         k, s, p = self.kernel, self.step, self.pad_size
         ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
         if not self.im2col or b * c * k * k * ho * wo * 4 > IM2COL_MAX_BYTES:
-            return super().construct(x)
-        weight = self.weight.reshape(self.cout, c * k * k)
-        if k == 1 and s == 1 and p == 0:
-            y = ops.matmul(weight, x.reshape(b, c, h * w))
+            y = self.conv2d(x, self.weight)  # nn.Conv2d's own primitive
         else:
-            y = ops.matmul(weight, ops.unfold(x, kernel_size=k, padding=p, stride=s))
-        y = y.reshape(b, self.cout, ho, wo)
+            weight = self.weight.reshape(self.cout, c * k * k)
+            if k == 1 and s == 1 and p == 0:
+                y = ops.matmul(weight, x.reshape(b, c, h * w))
+            else:
+                y = ops.matmul(weight, ops.unfold(x, kernel_size=k, padding=p, stride=s))
+            y = y.reshape(b, self.cout, ho, wo)
         if self.has_bias:
             y = y + self.bias.reshape(1, self.cout, 1, 1)
         return y

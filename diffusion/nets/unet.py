@@ -29,7 +29,7 @@ class InputConv(Conv2d):
         super().__init__(cin, cout, 3, padding=1, dtype=dtype)
 
     def construct(self, x, emb=None, context=None):
-        return super().construct(x)
+        return self.convolve(x)
 
 
 class ResBlock(nn.Cell):
