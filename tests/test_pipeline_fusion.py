@@ -277,7 +277,7 @@ def test_fused_rows_are_checked_against_both_models(helper_cache):
         "sr-odd-size": "field 'output_width': expected a size the job's model makes exactly (the nearest is 64x64)",
         "sr-aspect": "field 'output_width': expected the aspect of the generation size 32x32, got 80x48",
         "unknown-builtin": "field 'helper_model': expected a model directory (model.json, weights, tokenizers) or "
-                           "one of builtin:tiny-sd15, builtin:tiny-lowres, got 'builtin:huge' (unknown builtin",
+                           "one of builtin:tiny-sd15, builtin:tiny-lowres, builtin:tiny-control, got 'builtin:huge' (unknown builtin",
     }
     for row_id, message in expected.items():
         unit = by_id[row_id]
