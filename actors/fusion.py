@@ -328,8 +328,11 @@ class FusionStage(ModelStage):
                                                                       control_image=control)])
         latents = fusion.sample(self.model.encode(padded))[:n]
         (record,) = fusion.record()
-        return latents, {"bridge": record["bridge"], "latent": list(fusion.plan.latent_shape),
-                         "helper_latent": list(fusion.links[0].plan.latent_shape), "fused_steps": record["steps"]}
+        out = {"bridge": record["bridge"], "latent": list(fusion.plan.latent_shape),
+               "helper_latent": list(fusion.links[0].plan.latent_shape), "fused_steps": record["steps"]}
+        if record["control_mode"] is not None:
+            out["control_mode"] = record["control_mode"]  # "input": a control model read it; "latents": seen in latents
+        return latents, out
 
     def super_resolve(self, low: PanGuDraw, requests: list[GenerationRequest],
                       output_size: tuple[int, int]) -> tuple[np.ndarray, dict]:

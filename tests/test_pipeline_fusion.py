@@ -148,6 +148,7 @@ def test_mixed_manifest_runs_and_fused_rows_say_what_was_fused(fused_job, sd15_d
     assert control["control_image_uri"] == (root / "control" / "disc.png").as_uri()
     assert (control["weight"], control["window"], control["fused_steps"]) == (0.4, [0.0, 0.5], [0, 1])
     assert (control["helper_size"], control["helper_latent"]) == ([32, 32], [4, 8, 8])
+    assert control["control_mode"] == "latents" and "control_mode" not in bridge
     sr = json.loads(records["super-res"]["fusion"])
     assert {k: sr[k] for k in ("mode", "low_size", "output_size", "low_latent", "latent", "t_switch",
                                "handover_step", "handover_timestep", "steps", "weight", "window")} == {
