@@ -42,13 +42,19 @@ class DiffusionLoss(nn.Cell):
         self.text_encoder_2 = text_encoder_2
 
     def construct(self, latents, noise, sqrt_alpha, sqrt_one_minus_alpha, timesteps, ids_1, ids_2, bucket_vec):
+        x_t = self.noised(latents, noise, sqrt_alpha, sqrt_one_minus_alpha)
+        return self.epsilon_loss(x_t, noise, timesteps, ids_1, ids_2, bucket_vec)
+
+    def noised(self, latents, noise, sqrt_alpha, sqrt_one_minus_alpha):
+        b = latents.shape[0]
+        return sqrt_alpha.reshape(b, 1, 1, 1) * latents + sqrt_one_minus_alpha.reshape(b, 1, 1, 1) * noise
+
+    def epsilon_loss(self, unet_input, noise, timesteps, ids_1, ids_2, bucket_vec):
         hidden_1 = self.text_encoder_1(ids_1)
         hidden_2, pooled = self.text_encoder_2(ids_2)
         context = ops.concat((hidden_1, hidden_2), axis=-1)
         y = ops.concat((pooled, bucket_vec), axis=-1)
-        b = latents.shape[0]
-        x_t = sqrt_alpha.reshape(b, 1, 1, 1) * latents + sqrt_one_minus_alpha.reshape(b, 1, 1, 1) * noise
-        eps = self.unet(x_t, timesteps, context, y)
+        eps = self.unet(unet_input, timesteps, context, y)
         return ops.mean(ops.square(eps.astype(ms.float32) - noise))
 
 
@@ -57,14 +63,8 @@ class ControlDiffusionLoss(DiffusionLoss):
 
     def construct(self, latents, noise, sqrt_alpha, sqrt_one_minus_alpha, timesteps, ids_1, ids_2, bucket_vec,
                   control):
-        hidden_1 = self.text_encoder_1(ids_1)
-        hidden_2, pooled = self.text_encoder_2(ids_2)
-        context = ops.concat((hidden_1, hidden_2), axis=-1)
-        y = ops.concat((pooled, bucket_vec), axis=-1)
-        b = latents.shape[0]
-        x_t = sqrt_alpha.reshape(b, 1, 1, 1) * latents + sqrt_one_minus_alpha.reshape(b, 1, 1, 1) * noise
-        eps = self.unet(ops.concat((x_t, control), axis=1), timesteps, context, y)
-        return ops.mean(ops.square(eps.astype(ms.float32) - noise))
+        x_t = self.noised(latents, noise, sqrt_alpha, sqrt_one_minus_alpha)
+        return self.epsilon_loss(ops.concat((x_t, control), axis=1), noise, timesteps, ids_1, ids_2, bucket_vec)
 
 
 def timestep_range(mode: str, switch_timestep: int, num_train_timesteps: int) -> tuple[int, int]:
