@@ -45,7 +45,7 @@ def im2col_convolution() -> bool:
     """Whether convolutions built now run as im2col + one matmul: on CPU, unless PANGUDRAW_CONV=native.
 
     On the 2-core machines of this project MindSpore 2.10's CPU convolution kernel ran at 0.1-0.7 GMAC/s at the
-    sizes our networks use, where `ops.unfold` + `ops.matmul` computes the same sums 13-57x faster forward and 4-14x
+    sizes our networks use, where `ops.unfold` + `ops.matmul` computes the same sums 13-57x faster forward and 6-14x
     faster forward + backward (benchmarks/results/conv_cpu.json; the bench-small UNet forward at batch 2: 4.48 s
     native, 0.245 s im2col). On Ascend the native kernel (the cube unit) is used.
     """
