@@ -226,12 +226,17 @@ def tiny_lowres_config(name: str = "tiny-lowres", *, model_channels: int = 32) -
     return ModelConfig.model_validate({**base.model_dump(), "bucket_scales": (0.0625,)})
 
 
+def with_control_channels(config: ModelConfig, channels: int = 1) -> ModelConfig:
+    """`config` as a control model: `channels` layout-map inputs (diffusion.control) beside the latent channels."""
+    unets = {which: {**getattr(config, which).model_dump(), "in_channels": config.vae.embed_dim + channels}
+             for which in ("structure_unet", "texture_unet")}
+    return ModelConfig.model_validate({**config.model_dump(), **unets, "control_channels": channels})
+
+
 def tiny_control_config(name: str = "tiny-control", *, model_channels: int = 32) -> ModelConfig:
     """`tiny_sd15_config()` trained to take an image: one control channel (a layout map, diffusion.control) beside
     its 4 latent channels."""
-    base = tiny_sd15_config(name, model_channels=model_channels)
-    unet = base.structure_unet.model_copy(update={"in_channels": base.vae.embed_dim + 1})
-    return base.model_copy(update={"structure_unet": unet, "texture_unet": unet, "control_channels": 1})
+    return with_control_channels(tiny_sd15_config(name, model_channels=model_channels))
 
 
 PRESETS["tiny-sd15"] = tiny_sd15_config()

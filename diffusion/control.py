@@ -44,7 +44,7 @@ def layout_map(image: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
 
 def layout_maps(images: Sequence[np.ndarray] | np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
     """`layout_map` of each image: (B, 1, h, w) float32."""
-    return np.stack([layout_map(np.asarray(img), latent_hw) for img in images]).astype(np.float32)
+    return np.stack([layout_map(np.asarray(img), latent_hw) for img in images])
 
 
 def no_control(count: int, channels: int, latent_hw: tuple[int, int]) -> np.ndarray:

@@ -192,8 +192,8 @@ class CoopHelper:
     manifest's `helper_window`). `control_image` (uint8 (H, W, 3), or (B, H, W, 3) one per row) makes this a control
     helper. A control model (`config.control_channels` > 0, trained to take an image) reads the image's layout map
     beside its latents (diffusion.control); any other model gets the control image in its latents, noised to each
-    step's sigma, as its input, so its x0 prediction carries the control's layout under its own prompt. `prompt`, `negative_prompt` and `guidance_scale` default to
-    the row's.
+    step's sigma, as its input, so its x0 prediction carries the control's layout under its own prompt. `prompt`,
+    `negative_prompt` and `guidance_scale` default to the row's.
     """
 
     model: PanGuDraw

@@ -20,8 +20,8 @@ from mindspore import nn, ops
 from PIL import Image
 
 from diffusion import synthetic
-from diffusion.nets.layers import Conv2d
 from diffusion.control import FOREGROUND_DISTANCE, foreground_mask  # noqa: F401  (layout measures)
+from diffusion.nets.layers import Conv2d
 from schemas.errors import UserError
 
 log = logging.getLogger(__name__)

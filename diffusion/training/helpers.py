@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from diffusion.config import ModelConfig
+from diffusion.config import ModelConfig, with_control_channels
 from diffusion.training.config import DiffusionTrainConfig, OptimConfig, VAETrainConfig
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,7 @@ def helper_config(name: str, base: ModelConfig) -> ModelConfig:
     if name in ("tiny-sd15", "tiny-control"):
         vae = base.vae.model_copy(update={"ch_mult": (*base.vae.ch_mult, base.vae.ch_mult[-1]), "scale_factor": 1.0})
         cfg = cfg.model_copy(update={"vae": vae})
-        if name == "tiny-control":
-            unet = cfg.structure_unet.model_copy(update={"in_channels": vae.embed_dim + 1})
-            cfg = cfg.model_copy(update={"structure_unet": unet, "texture_unet": unet, "control_channels": 1})
-        return cfg
+        return with_control_channels(cfg) if name == "tiny-control" else cfg
     raise ValueError(f"unknown helper {name!r}; shipped helpers: {', '.join(HELPER_NAMES)}")
 
 
