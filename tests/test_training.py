@@ -17,7 +17,7 @@ from diffusion.training import (
     DiffusionLoss, DiffusionTrainConfig, DiffusionTrainer, ImageTextSet, OptimConfig, VAETrainConfig, VAETrainer,
     latest_checkpoint,
 )
-from diffusion.training.diffusion_trainer import sample_timesteps
+from diffusion.training.diffusion_trainer import loss_weights, sample_timesteps
 from diffusion.training.recipe import shipped_tiny_config
 from diffusion.training.vae_trainer import VAELoss
 from jobs import cli
@@ -227,3 +227,35 @@ def test_first_optimizer_step_moves_each_weight_by_the_learning_rate():
     for _ in range(4):
         opt((grad,))
     np.testing.assert_allclose(w.asnumpy(), [-0.05, 0.05, -0.05], rtol=1e-3)
+
+
+def test_truncated_snr_weighting_counts_the_x0_error_at_high_noise(tiny_model_dir, data, tmp_path):
+    model = _fresh(tiny_model_dir)
+    acp = np.asarray(model.schedule.alphas_cumprod, np.float64)
+    t = np.array([100, 500, 800, 999], np.int32)
+    assert np.array_equal(loss_weights("epsilon", acp, t), np.ones(4, np.float32))
+    w = loss_weights("truncated_snr", acp, t)
+    snr = acp[t] / (1 - acp[t])
+    assert w.mean() == pytest.approx(1.0, rel=1e-6)
+    # Relative weights are max(1, 1/SNR): equal to 1 where SNR >= 1 (t = 100), 1/SNR above.
+    assert snr[0] > 1 and snr[1:].max() < 1
+    assert w / w[0] == pytest.approx(np.maximum(1.0, 1.0 / snr), rel=1e-5)
+    with pytest.raises(ValueError, match="unknown loss weighting"):
+        loss_weights("v", acp, t)
+
+    config = _cfg("structure", steps=1, batch_size=4, loss_weighting="truncated_snr")
+    trainer = DiffusionTrainer(model, data, config, tmp_path / "run")
+    batch = trainer.make_batch(0)
+    timesteps, weight = batch.inputs[4], batch.inputs[-1]
+    assert np.allclose(weight, loss_weights("truncated_snr", acp, timesteps))
+    # The cell's loss is the weighted mean of the per-sample epsilon errors.
+    cell = DiffusionLoss(model.nets["structure_unet"], model.nets["text_encoder_1"], model.nets["text_encoder_2"])
+    inputs = [ms.Tensor(a) for a in batch.inputs]
+    per_sample = []
+    for i in range(len(timesteps)):
+        one_hot = np.zeros(len(timesteps), np.float32)
+        one_hot[i] = len(timesteps)  # the mean over the batch of this weight vector picks sample i alone
+        per_sample.append(float(cell(*inputs[:-1], ms.Tensor(one_hot)).asnumpy()))
+    weighted = float(cell(*inputs).asnumpy())
+    assert weighted == pytest.approx(float(np.dot(per_sample, weight)) / len(timesteps), rel=1e-4)
+    assert weighted != pytest.approx(float(np.mean(per_sample)), rel=1e-3)

@@ -63,6 +63,9 @@ class DiffusionTrainConfig(LoopConfig):
     # A control model (ModelConfig.control_channels > 0): share of rows given the all-zero control map, so the model
     # also generates without a control image.
     control_dropout: float = Field(0.1, ge=0, le=1)
+    # How each sample's epsilon error counts (diffusion_trainer.loss_weights): "epsilon", the plain mean, or
+    # "truncated_snr", max(1, 1/SNR(t)) times it (the x0 error where the noise dominates).
+    loss_weighting: Literal["epsilon", "truncated_snr"] = "epsilon"
 
     def resolved(self) -> "DiffusionTrainConfig":
         """The same config with every None replaced by the default of its mode."""

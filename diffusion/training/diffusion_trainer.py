@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class DiffusionLoss(nn.Cell):
-    """Mean squared error between the UNet's epsilon and the noise that made x_t = sqrt(a) x0 + sqrt(1 - a) eps.
+    """Mean squared error between the UNet's epsilon and the noise that made x_t = sqrt(a) x0 + sqrt(1 - a) eps,
+    each sample's error times its `weight` (all ones: the plain epsilon loss; see `loss_weights`).
 
     The conditioning is computed inside, from token ids, so the text encoders get gradients when they train.
     """
@@ -41,30 +42,33 @@ class DiffusionLoss(nn.Cell):
         self.text_encoder_1 = text_encoder_1
         self.text_encoder_2 = text_encoder_2
 
-    def construct(self, latents, noise, sqrt_alpha, sqrt_one_minus_alpha, timesteps, ids_1, ids_2, bucket_vec):
+    def construct(self, latents, noise, sqrt_alpha, sqrt_one_minus_alpha, timesteps, ids_1, ids_2, bucket_vec,
+                  weight):
         x_t = self.noised(latents, noise, sqrt_alpha, sqrt_one_minus_alpha)
-        return self.epsilon_loss(x_t, noise, timesteps, ids_1, ids_2, bucket_vec)
+        return self.epsilon_loss(x_t, noise, timesteps, ids_1, ids_2, bucket_vec, weight)
 
     def noised(self, latents, noise, sqrt_alpha, sqrt_one_minus_alpha):
         b = latents.shape[0]
         return sqrt_alpha.reshape(b, 1, 1, 1) * latents + sqrt_one_minus_alpha.reshape(b, 1, 1, 1) * noise
 
-    def epsilon_loss(self, unet_input, noise, timesteps, ids_1, ids_2, bucket_vec):
+    def epsilon_loss(self, unet_input, noise, timesteps, ids_1, ids_2, bucket_vec, weight):
         hidden_1 = self.text_encoder_1(ids_1)
         hidden_2, pooled = self.text_encoder_2(ids_2)
         context = ops.concat((hidden_1, hidden_2), axis=-1)
         y = ops.concat((pooled, bucket_vec), axis=-1)
         eps = self.unet(unet_input, timesteps, context, y)
-        return ops.mean(ops.square(eps.astype(ms.float32) - noise))
+        per_sample = ops.mean(ops.square(eps.astype(ms.float32) - noise), axis=(1, 2, 3))
+        return ops.mean(per_sample * weight)
 
 
 class ControlDiffusionLoss(DiffusionLoss):
     """`DiffusionLoss` of a control model: the layout map (diffusion.control) is concatenated to x_t's channels."""
 
     def construct(self, latents, noise, sqrt_alpha, sqrt_one_minus_alpha, timesteps, ids_1, ids_2, bucket_vec,
-                  control):
+                  weight, control):
         x_t = self.noised(latents, noise, sqrt_alpha, sqrt_one_minus_alpha)
-        return self.epsilon_loss(ops.concat((x_t, control), axis=1), noise, timesteps, ids_1, ids_2, bucket_vec)
+        return self.epsilon_loss(ops.concat((x_t, control), axis=1), noise, timesteps, ids_1, ids_2, bucket_vec,
+                                 weight)
 
 
 def timestep_range(mode: str, switch_timestep: int, num_train_timesteps: int) -> tuple[int, int]:
@@ -76,6 +80,23 @@ def timestep_range(mode: str, switch_timestep: int, num_train_timesteps: int) ->
     if mode == "monolithic":
         return 0, num_train_timesteps
     raise ValueError(f"unknown mode {mode!r}")
+
+
+def loss_weights(weighting: str, alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+    """Per-sample weights of the epsilon loss, with mean 1 over the batch.
+
+    "epsilon": all ones. "truncated_snr": max(1, 1/SNR(t)), so a sample's loss is the larger of its epsilon error
+    and its x0 error (||x0 - x0_hat||^2 = ||eps - eps_hat||^2 / SNR); at high noise, where the plain epsilon loss
+    hardly rewards getting the image right (x0 errors are 1/SNR times the epsilon errors there), it weighs the x0
+    error instead.
+    """
+    if weighting == "epsilon":
+        return np.ones(len(timesteps), np.float32)
+    if weighting == "truncated_snr":
+        a = alphas_cumprod[timesteps].astype(np.float64)
+        w = np.maximum(1.0, (1.0 - a) / a)
+        return (w / w.mean()).astype(np.float32)
+    raise ValueError(f"unknown loss weighting {weighting!r}")
 
 
 def sample_timesteps(rng: np.random.Generator, mode: str, switch_timestep: int, num_train_timesteps: int,
@@ -98,7 +119,7 @@ class DiffusionTrainer:
             raise ValueError(f"{config.mode} training needs a two-generator model config (monolithic=False)")
         self.unet_name = "texture_unet" if config.mode == "texture" else "structure_unet"
         self.low, self.high = timestep_range(config.mode, mc.switch_timestep, mc.num_train_timesteps)
-        acp = model.schedule.alphas_cumprod
+        acp = self.alphas_cumprod = np.asarray(model.schedule.alphas_cumprod, np.float64)
         self.sqrt_alpha = np.sqrt(acp).astype(np.float32)
         self.sqrt_one_minus_alpha = np.sqrt(1.0 - acp).astype(np.float32)
         self.bucketed = bucket_images(data, mc.bucket_scales[0], use_low_resolution=bool(config.use_low_resolution),
@@ -214,8 +235,9 @@ class DiffusionTrainer:
         ids_2 = toks["text_encoder_2"](texts)
         dim = self.model.config.bucket_embed_dim
         bucket_vec = np.stack([buckets.bucket_embedding(b, dim) for b, _ in picks])
+        weight = loss_weights(cfg.loss_weighting, self.alphas_cumprod, t)
         inputs = (x0.astype(np.float32), noise, self.sqrt_alpha[t], self.sqrt_one_minus_alpha[t], t, ids_1, ids_2,
-                  bucket_vec)
+                  bucket_vec, weight)
         if control_maps is not None:
             dropped = rng.random(len(rows)) < cfg.control_dropout
             inputs += (np.where(dropped[:, None, None, None], np.float32(0.0), control_maps).astype(np.float32),)
