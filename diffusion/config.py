@@ -32,6 +32,9 @@ class UNetConfig(_Frozen):
     adm_in_channels: int = 1536
     use_linear_in_transformer: bool = True
     norm_groups: int = 32
+    # What the network outputs: the noise ("epsilon", SDXL and the released PanGu-Draw) or the velocity
+    # v = sqrt(a) eps - sqrt(1 - a) x0 ("v"), which at high noise is close to -x0 (`diffusion.schedule.x0_from_output`).
+    prediction: Literal["epsilon", "v"] = "epsilon"
 
     @model_validator(mode="after")
     def _check(self) -> "UNetConfig":

@@ -25,7 +25,7 @@ import numpy as np
 
 from diffusion import buckets, guidance, noise, runtime, samplers
 from diffusion.config import PRESETS, ModelConfig
-from diffusion.schedule import Schedule, SplitRule, split_index
+from diffusion.schedule import Schedule, SplitRule, split_index, x0_from_output
 from schemas.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -469,17 +469,17 @@ class PanGuDraw:
             t = np.full(len(pair_row), plan.timesteps[i], dtype=np.int32)
             unet = self._fwd(which)
             if self.batch_invariant:
-                eps_pairs = np.concatenate([
+                out_pairs = np.concatenate([
                     unet(x_in[a:b], t[a:b], context[a:b], y[a:b]) for a, b in zip(offsets[:-1], offsets[1:])
                 ])
             else:
-                eps_pairs = unet(x_in.astype(np.float32), t, context, y)
-            eps = np.stack([
-                guidance.combine(eps_pairs[offsets[r]:offsets[r + 1]], conds[r].branches,
+                out_pairs = unet(x_in.astype(np.float32), t, context, y)
+            guided = np.stack([
+                guidance.combine(out_pairs[offsets[r]:offsets[r + 1]], conds[r].branches,
                                  requests[r].guidance_scale, requests[r].style_scales())
                 for r in range(len(conds))
             ])
-            denoised = (x_cur - sigma * eps).astype(np.float32)
+            denoised = x0_from_output(guided, x_cur, sigma, getattr(self.config, which).prediction)
             return fuse(x_cur, i, denoised) if fuse is not None else denoised
 
         sampler = samplers.get_sampler(requests[0].sampler)

@@ -42,6 +42,22 @@ def split_index(timesteps: np.ndarray, switch_timestep: int, rule: SplitRule | s
     return int(chosen_from.sum())
 
 
+def x0_from_output(output: np.ndarray, x: np.ndarray, sigma: float, prediction: str = "epsilon") -> np.ndarray:
+    """The x0 prediction at sigma-space latents x = x0 + sigma * eps from a UNet's (guided) output.
+
+    "epsilon": x0 = x - sigma * eps. "v": with the UNet's input x / sqrt(sigma^2 + 1) = sqrt(a) x0 + sqrt(1 - a) eps
+    and v = sqrt(a) eps - sqrt(1 - a) x0, x0 = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) * v. Both are affine in
+    the output with fixed weights, so guidance may combine the outputs before this.
+    """
+    sigma = np.float32(sigma)
+    if prediction == "epsilon":
+        return (x - sigma * output).astype(np.float32)
+    if prediction == "v":
+        s2 = sigma * sigma + np.float32(1.0)
+        return (x / s2 - (sigma / np.sqrt(s2)) * output).astype(np.float32)
+    raise ValueError(f"unknown prediction {prediction!r}")
+
+
 class Schedule:
     """The schedule of one model: alpha_bar and sigma for every training timestep."""
 

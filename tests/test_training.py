@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import mindspore as ms
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from diffusion import runtime, synthetic
 from diffusion.config import tiny_config
 from diffusion.model import PanGuDraw
+from diffusion.schedule import x0_from_output
 from diffusion.tiny import build_random_model
 from diffusion.training import (
     DiffusionLoss, DiffusionTrainConfig, DiffusionTrainer, ImageTextSet, OptimConfig, VAETrainConfig, VAETrainer,
@@ -259,3 +261,40 @@ def test_truncated_snr_weighting_counts_the_x0_error_at_high_noise(tiny_model_di
     weighted = float(cell(*inputs).asnumpy())
     assert weighted == pytest.approx(float(np.dot(per_sample, weight)) / len(timesteps), rel=1e-4)
     assert weighted != pytest.approx(float(np.mean(per_sample)), rel=1e-3)
+
+
+def test_v_prediction_target_and_its_x0(tiny_model_dir, data, tmp_path):
+    rng = np.random.default_rng(3)
+    x0 = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    eps = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    for sigma in (0.05, 1.0, 14.6146):
+        a = 1.0 / (sigma * sigma + 1.0)
+        x = x0 + np.float32(sigma) * eps
+        v = (np.sqrt(a) * eps - np.sqrt(1.0 - a) * x0).astype(np.float32)
+        assert np.allclose(x0_from_output(eps, x, sigma, "epsilon"), x0, atol=2e-5 * sigma + 1e-6)
+        assert np.allclose(x0_from_output(v, x, sigma, "v"), x0, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown prediction"):
+        x0_from_output(eps, x, 1.0, "x0")
+
+    base = _fresh(tiny_model_dir)
+    cfg = base.config
+    v_config = cfg.model_copy(update={"structure_unet": cfg.structure_unet.model_copy(update={"prediction": "v"})})
+    v_dir = build_random_model(tmp_path / "v-model", config=v_config, seed=0)
+    model = _fresh(v_dir)
+    assert model.config.structure_unet.prediction == "v" and model.config.texture_unet.prediction == "epsilon"
+    trainer = DiffusionTrainer(model, data, _cfg("structure", steps=2), tmp_path / "run")
+    batch = trainer.make_batch(0)
+    x0_b, noise, sqrt_a, sqrt_1ma = batch.inputs[:4]
+    v_cell = DiffusionLoss(model.nets["structure_unet"], model.nets["text_encoder_1"], model.nets["text_encoder_2"],
+                           v_prediction=True)
+    eps_cell = DiffusionLoss(model.nets["structure_unet"], model.nets["text_encoder_1"],
+                             model.nets["text_encoder_2"])
+    args = [ms.Tensor(a) for a in (x0_b, noise, sqrt_a, sqrt_1ma)]
+    expected = sqrt_a[:, None, None, None] * noise - sqrt_1ma[:, None, None, None] * x0_b
+    assert np.allclose(v_cell.target(*args).asnumpy(), expected, atol=1e-6)
+    assert np.array_equal(eps_cell.target(*args).asnumpy(), noise)
+    assert trainer.prediction == "v"
+    rows = trainer.train()
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    info = json.loads(next((tmp_path / "run" / "checkpoints").glob("step-*/trainer.json")).read_text())
+    assert info["prediction"] == "v"

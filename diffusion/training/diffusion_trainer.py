@@ -30,34 +30,44 @@ log = logging.getLogger(__name__)
 
 
 class DiffusionLoss(nn.Cell):
-    """Mean squared error between the UNet's epsilon and the noise that made x_t = sqrt(a) x0 + sqrt(1 - a) eps,
-    each sample's error times its `weight` (all ones: the plain epsilon loss; see `loss_weights`).
+    """Mean squared error between the UNet's output and its target for x_t = sqrt(a) x0 + sqrt(1 - a) eps: the noise
+    eps, or with `v_prediction` the velocity v = sqrt(a) eps - sqrt(1 - a) x0 (UNetConfig.prediction); each
+    sample's error times its `weight` (all ones: the plain loss; see `loss_weights`).
 
     The conditioning is computed inside, from token ids, so the text encoders get gradients when they train.
     """
 
-    def __init__(self, unet: nn.Cell, text_encoder_1: nn.Cell, text_encoder_2: nn.Cell):
+    def __init__(self, unet: nn.Cell, text_encoder_1: nn.Cell, text_encoder_2: nn.Cell, *,
+                 v_prediction: bool = False):
         super().__init__()
         self.unet = unet
         self.text_encoder_1 = text_encoder_1
         self.text_encoder_2 = text_encoder_2
+        self.v_prediction = v_prediction
 
     def construct(self, latents, noise, sqrt_alpha, sqrt_one_minus_alpha, timesteps, ids_1, ids_2, bucket_vec,
                   weight):
         x_t = self.noised(latents, noise, sqrt_alpha, sqrt_one_minus_alpha)
-        return self.epsilon_loss(x_t, noise, timesteps, ids_1, ids_2, bucket_vec, weight)
+        target = self.target(latents, noise, sqrt_alpha, sqrt_one_minus_alpha)
+        return self.output_loss(x_t, target, timesteps, ids_1, ids_2, bucket_vec, weight)
 
     def noised(self, latents, noise, sqrt_alpha, sqrt_one_minus_alpha):
         b = latents.shape[0]
         return sqrt_alpha.reshape(b, 1, 1, 1) * latents + sqrt_one_minus_alpha.reshape(b, 1, 1, 1) * noise
 
-    def epsilon_loss(self, unet_input, noise, timesteps, ids_1, ids_2, bucket_vec, weight):
+    def target(self, latents, noise, sqrt_alpha, sqrt_one_minus_alpha):
+        if not self.v_prediction:
+            return noise
+        b = latents.shape[0]
+        return sqrt_alpha.reshape(b, 1, 1, 1) * noise - sqrt_one_minus_alpha.reshape(b, 1, 1, 1) * latents
+
+    def output_loss(self, unet_input, target, timesteps, ids_1, ids_2, bucket_vec, weight):
         hidden_1 = self.text_encoder_1(ids_1)
         hidden_2, pooled = self.text_encoder_2(ids_2)
         context = ops.concat((hidden_1, hidden_2), axis=-1)
         y = ops.concat((pooled, bucket_vec), axis=-1)
-        eps = self.unet(unet_input, timesteps, context, y)
-        per_sample = ops.mean(ops.square(eps.astype(ms.float32) - noise), axis=(1, 2, 3))
+        out = self.unet(unet_input, timesteps, context, y)
+        per_sample = ops.mean(ops.square(out.astype(ms.float32) - target), axis=(1, 2, 3))
         return ops.mean(per_sample * weight)
 
 
@@ -67,8 +77,9 @@ class ControlDiffusionLoss(DiffusionLoss):
     def construct(self, latents, noise, sqrt_alpha, sqrt_one_minus_alpha, timesteps, ids_1, ids_2, bucket_vec,
                   weight, control):
         x_t = self.noised(latents, noise, sqrt_alpha, sqrt_one_minus_alpha)
-        return self.epsilon_loss(ops.concat((x_t, control), axis=1), noise, timesteps, ids_1, ids_2, bucket_vec,
-                                 weight)
+        target = self.target(latents, noise, sqrt_alpha, sqrt_one_minus_alpha)
+        return self.output_loss(ops.concat((x_t, control), axis=1), target, timesteps, ids_1, ids_2, bucket_vec,
+                                weight)
 
 
 def timestep_range(mode: str, switch_timestep: int, num_train_timesteps: int) -> tuple[int, int]:
@@ -153,8 +164,11 @@ class DiffusionTrainer:
             model.nets["text_encoder_1"].set_train(False)
             model.nets["text_encoder_2"].set_train(False)
         loss_cls = ControlDiffusionLoss if self.controls is not None else DiffusionLoss
-        loss = loss_cls(model.nets[self.unet_name], model.nets["text_encoder_1"], model.nets["text_encoder_2"])
+        self.prediction = getattr(mc, self.unet_name).prediction
+        loss = loss_cls(model.nets[self.unet_name], model.nets["text_encoder_1"], model.nets["text_encoder_2"],
+                        v_prediction=self.prediction == "v")
         describe = {"trainer": "diffusion", "mode": config.mode, "timesteps": [self.low, self.high],
+                    "prediction": self.prediction,
                     "rows_total": self.bucketed.rows_total, "rows_used": self.bucketed.rows_used}
         self.loop = TrainingLoop(self.run_dir, config, nets, loss, describe=describe)
 
