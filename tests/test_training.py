@@ -231,6 +231,25 @@ def test_first_optimizer_step_moves_each_weight_by_the_learning_rate():
     np.testing.assert_allclose(w.asnumpy(), [-0.05, 0.05, -0.05], rtol=1e-3)
 
 
+def test_cosine_schedule_decays_to_zero_at_the_last_step():
+    from diffusion.training.loop import WarmupConstantLR
+
+    lr, warmup, total = 0.01, 10, 110
+    constant = WarmupConstantLR(lr, warmup)
+    cosine = WarmupConstantLR(lr, warmup, total_steps=total)
+
+    def rates(schedule, steps):
+        return np.array([float(schedule(ms.Tensor(s, ms.int32)).asnumpy()) for s in steps])
+
+    steps = [0, 4, 9, 34, 59, 84, 109, 150]
+    c, k = rates(constant, steps), rates(cosine, steps)
+    # The same warm-up; then cos: 1 at the end of the warm-up, 1/2 halfway, 0 at the last step and after it.
+    assert np.allclose(k[:3], c[:3], rtol=1e-6)
+    progress = np.clip((np.array(steps) + 1.0 - warmup) / (total - warmup), 0, 1)
+    assert np.allclose(k / c, 0.5 * (1 + np.cos(np.pi * progress)), atol=1e-6)
+    assert k[4] / c[4] == pytest.approx(0.5, abs=1e-6) and k[-2] == pytest.approx(0.0, abs=1e-9)
+
+
 def test_truncated_snr_weighting_counts_the_x0_error_at_high_noise(tiny_model_dir, data, tmp_path):
     model = _fresh(tiny_model_dir)
     acp = np.asarray(model.schedule.alphas_cumprod, np.float64)

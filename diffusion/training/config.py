@@ -22,6 +22,9 @@ class OptimConfig(_Frozen):
     beta2: float = 0.999
     eps: float = 1e-8
     warmup_steps: int = Field(50, ge=0)
+    # After the warm-up: "constant", or "cosine" from the rate down to 0 at the run's last step (LoopConfig.steps;
+    # a resumed run with more steps follows the new, longer curve from where it is).
+    schedule: Literal["constant", "cosine"] = "constant"
     # Clip gradients to this global norm (0 = off).
     grad_clip: float = Field(1.0, ge=0)
 

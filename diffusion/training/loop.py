@@ -43,8 +43,9 @@ class Batch:
 
 
 class WarmupConstantLR(nn.learning_rate_schedule.LearningRateSchedule):
-    """lr * min(1, (step + 1) / warmup) * sqrt(1 - beta2^t) / (1 - beta1^t), t = step + 1: linear warm-up, then
-    constant, times Adam's bias correction.
+    """lr * min(1, (step + 1) / warmup) * decay(step) * sqrt(1 - beta2^t) / (1 - beta1^t), t = step + 1: linear
+    warm-up, then constant (or, with `total_steps`, a cosine decay from lr at the end of the warm-up to 0 at step
+    `total_steps`), times Adam's bias correction.
 
     MindSpore's `AdamWeightDecay` keeps uncorrected moments, so without the factor its steps are about 3x the
     nominal rate for the first hundreds of steps (m / sqrt(v) = 0.1 / sqrt(0.001) = 3.16 at the first step, still
@@ -52,17 +53,25 @@ class WarmupConstantLR(nn.learning_rate_schedule.LearningRateSchedule):
     Adam's (Kingma and Ba, section 2's efficient form); the decoupled weight decay is scaled by the same factor.
     """
 
-    def __init__(self, learning_rate: float, warmup_steps: int, beta1: float = 0.9, beta2: float = 0.999):
+    def __init__(self, learning_rate: float, warmup_steps: int, beta1: float = 0.9, beta2: float = 0.999, *,
+                 total_steps: int | None = None):
         super().__init__()
         self.learning_rate = float(learning_rate)
         self.warmup = float(max(warmup_steps, 1))
         self.beta1 = float(beta1)
         self.beta2 = float(beta2)
+        self.cosine = total_steps is not None
+        self.decay_steps = float(max((total_steps or 0) - max(warmup_steps, 1), 1))
 
     def construct(self, global_step):
         t = global_step.astype(ms.float32) + 1.0
         correction = ops.sqrt(1.0 - ops.pow(self.beta2, t)) / (1.0 - ops.pow(self.beta1, t))
-        return self.learning_rate * ops.minimum(t / self.warmup, 1.0) * correction
+        rate = self.learning_rate * ops.minimum(t / self.warmup, 1.0) * correction
+        if self.cosine:
+            progress = ops.clip_by_value(
+                (global_step.astype(ms.float32) + 1.0 - self.warmup) / self.decay_steps, 0.0, 1.0)
+            rate = rate * 0.5 * (1.0 + ops.cos(progress * math.pi))
+        return rate
 
 
 def _inputs(arrays: tuple[np.ndarray, ...]):
@@ -109,7 +118,8 @@ class TrainingLoop:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         self.optimizer = nn.AdamWeightDecay(
             groups, WarmupConstantLR(config.optim.learning_rate, config.optim.warmup_steps,
-                                     config.optim.beta1, config.optim.beta2),
+                                     config.optim.beta1, config.optim.beta2,
+                                     total_steps=config.steps if config.optim.schedule == "cosine" else None),
             beta1=config.optim.beta1, beta2=config.optim.beta2, eps=config.optim.eps,
         )
         if [id(p) for p in self.optimizer._parameters] != [id(p) for p in self.params]:
