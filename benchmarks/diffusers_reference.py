@@ -160,6 +160,22 @@ class UNetTimer:
         with torch.inference_mode():
             self.model(x, torch.full((batch,), 999), encoder_hidden_states=context, added_cond_kwargs=cond)
 
+    def profile(self, batch: int, latent: int, repeats: int) -> dict:
+        """FLOPs of one forward (torch's counter) and self CPU milliseconds per forward by operator (torch.profiler)."""
+        from torch.profiler import ProfilerActivity, profile
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.forward(batch, latent)
+        with FlopCounterMode(display=False) as counter:
+            self.forward(batch, latent)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                self.forward(batch, latent)
+        ops = {e.key: e.self_cpu_time_total / 1000.0 / repeats for e in prof.key_averages()}
+        return {"flops": int(counter.get_total_flops()),
+                "flops_by_op": {str(k): int(v) for k, v in counter.get_flop_counts()["Global"].items()},
+                "op_ms_per_forward": {k: v for k, v in sorted(ops.items(), key=lambda kv: -kv[1]) if v > 0.01}}
+
     def euler(self, batch: int, latent: int, steps: int, guidance: float) -> None:
         _, context, cond = self._inputs(batch, latent)
         timesteps = np.linspace(999, 0, steps, endpoint=False).astype(np.int64)
@@ -180,7 +196,8 @@ def unet_serve(args) -> None:
     """One JSON request per stdin line, one JSON answer per stdout line, so a caller can interleave its own runs.
 
     {"op": "forward", "batch": 2, "latent": 32} or {"op": "euler", "batch": 2, "latent": 32, "steps": 20,
-    "guidance": 6.0} -> {"wall_s": ..., "cpu_s": ...}; {"op": "info"} -> implementation, threads, parameters.
+    "guidance": 6.0} -> {"wall_s": ..., "cpu_s": ...}; {"op": "info"} -> implementation, threads, parameters;
+    {"op": "profile", "batch": 2, "latent": 32} -> FLOPs and operator milliseconds per forward (UNetTimer.profile).
     """
     timer = UNetTimer(json.load(open(args.config)), args.threads)
     out = sys.stdout
@@ -192,6 +209,8 @@ def unet_serve(args) -> None:
             answer = {"implementation": f"diffusers {diffusers.__version__} / torch {torch.__version__}",
                       "threads": torch.get_num_threads(),
                       "parameters": sum(p.numel() for p in timer.model.parameters())}
+        elif req["op"] == "profile":
+            answer = timer.profile(req["batch"], req["latent"], req.get("repeats", 3))
         else:
             wall, cpu = time.perf_counter(), time.process_time()
             if req["op"] == "forward":
