@@ -77,6 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         s.add_argument("--grad-accum", type=int, default=1)
         s.add_argument("--lr", type=float, default=1e-3)
         s.add_argument("--warmup", type=int, default=100)
+        s.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                       help="after the warm-up: constant, or cosine decay to 0 at the last step")
         s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
         s.add_argument("--ema-decay", type=float, default=0.999)
         s.add_argument("--checkpoint-every", type=int, default=200)
@@ -87,6 +89,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="texture: square latent crops of this side (default 8)")
             s.add_argument("--width", type=int, default=None,
                            help="start a fresh UNet of this model_channels (monolithic comparisons); default: keep")
+            s.add_argument("--prediction", default=None, choices=["epsilon", "v"],
+                           help="what the UNet outputs; another than the base model's starts a fresh UNet")
+            s.add_argument("--loss-weighting", default="epsilon", choices=["epsilon", "truncated_snr"],
+                           help="per-sample weights of the loss (truncated_snr: max(1, 1/SNR))")
         s.set_defaults(func=run_stage, stage=name)
 
 
@@ -201,20 +207,29 @@ def run_stage(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else Path(str(args.out).rstrip("/") + ".run")
     common = dict(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
                   precision=args.precision, ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every,
-                  optim=OptimConfig(learning_rate=args.lr, warmup_steps=args.warmup))
+                  optim=OptimConfig(learning_rate=args.lr, warmup_steps=args.warmup, schedule=args.lr_schedule))
     if args.stage == "vae":
         report = train_vae_stage(model_dir, data, VAETrainConfig(**common), run_dir, args.out)
     else:
-        config = DiffusionTrainConfig(mode=args.mode, crop_latent=args.crop_latent, **common)
+        config = DiffusionTrainConfig(mode=args.mode, crop_latent=args.crop_latent,
+                                      loss_weighting=args.loss_weighting, **common)
         model_config = None
         base_config = ModelConfig.model_validate(base["config"])
         wants_monolithic = args.mode == "monolithic"
+        trained = "texture_unet" if args.mode == "texture" else "structure_unet"
+        new_prediction = args.prediction not in (None, getattr(base_config, trained).prediction)
         if args.width is not None or wants_monolithic != base_config.monolithic:
             unet = base_config.structure_unet
             if args.width is not None:
                 unet = unet.model_copy(update={"model_channels": args.width})
+            if args.prediction is not None:
+                unet = unet.model_copy(update={"prediction": args.prediction})
             model_config = base_config.model_copy(update={
                 "structure_unet": unet, "texture_unet": unet, "monolithic": wants_monolithic})
+        elif new_prediction:
+            # A fresh UNet of the other prediction; the other generator and everything else stay as they are.
+            model_config = base_config.model_copy(update={
+                trained: getattr(base_config, trained).model_copy(update={"prediction": args.prediction})})
         report = train_diffusion_stage(model_dir, data, config, run_dir, args.out, model_config=model_config,
                                        seed=args.seed)
     (Path(args.out) / "training.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

@@ -187,6 +187,27 @@ def test_cli_trains_a_stage_from_s3_data(tiny_model_dir, table, s3_bucket, tmp_p
     assert changed and unchanged
 
 
+def test_cli_prediction_v_starts_a_fresh_unet_and_keeps_the_other(tiny_model_dir, table, tmp_path, capsys):
+    data_path = tmp_path / "data.parquet"
+    pq.write_table(table, data_path)
+    out = tmp_path / "v-structure"
+    code = cli.main(["train", "unet", "--mode", "structure", "--data", str(data_path), "--model", str(tiny_model_dir),
+                     "--out", str(out), "--steps", "2", "--batch-size", "4", "--checkpoint-every", "2",
+                     "--prediction", "v", "--lr-schedule", "cosine", "--loss-weighting", "truncated_snr"])
+    assert code == 0, capsys.readouterr().err
+    loaded, before = _fresh(out), _fresh(tiny_model_dir)
+    assert loaded.config.structure_unet.prediction == "v"
+    assert loaded.config.texture_unet == before.config.texture_unet
+    old = {n: p.asnumpy() for n, p in before.nets["texture_unet"].parameters_and_names()}
+    assert all(np.array_equal(p.asnumpy(), old[n]) for n, p in loaded.nets["texture_unet"].parameters_and_names())
+    old = {n: p.asnumpy() for n, p in before.nets["structure_unet"].parameters_and_names()}
+    assert not any(np.array_equal(p.asnumpy(), old[n]) for n, p in loaded.nets["structure_unet"].parameters_and_names()
+                   if p.asnumpy().std() > 0)
+    info = json.loads((latest_checkpoint(tmp_path / "v-structure.run") / "trainer.json").read_text())
+    assert info["prediction"] == "v" and info["config"]["optim"]["schedule"] == "cosine"
+    assert info["config"]["loss_weighting"] == "truncated_snr"
+
+
 def test_cli_errors_are_clear(tiny_model_dir, tmp_path, capsys):
     missing = tmp_path / "nope.parquet"
     code = cli.main(["train", "unet", "--mode", "structure", "--data", str(missing), "--model", str(tiny_model_dir),

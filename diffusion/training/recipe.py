@@ -198,8 +198,9 @@ def train_diffusion_stage(base_model_dir: str | Path, data: ImageTextSet, config
                           seed: int = 0, description: str = "") -> dict:
     """Train one UNet stage starting from `base_model_dir` (its VAE, tokenizers and text encoders), save `out_dir`.
 
-    With `model_config` (e.g. a monolithic or wider config), a fresh model of that config is made and the base's
-    VAE and tokenizers are copied in; the text encoders too when they have the same shapes.
+    With `model_config` (e.g. a monolithic or wider config, or another prediction), a fresh model of that config
+    is made and the base's VAE, tokenizers and text encoders are copied in, and so is the base's other generator
+    (the one this stage does not train) when both models have two generators and its config is unchanged.
     """
     from diffusion import checkpoints
     from diffusion.model import PanGuDraw, read_model_manifest
@@ -210,11 +211,16 @@ def train_diffusion_stage(base_model_dir: str | Path, data: ImageTextSet, config
     if model_config is None:
         model = PanGuDraw.load(base_model_dir, batch_invariant=False)
     else:
-        base = PanGuDraw.load(base_model_dir, components={"text", "vae"}, batch_invariant=False)
-        vae_cfg = read_model_manifest(base_model_dir)["config"]["vae"]
-        model_config = model_config.model_copy(update={"vae": model_config.vae.model_validate(vae_cfg)})
+        base_config = ModelConfig.model_validate(read_model_manifest(base_model_dir)["config"])
+        model_config = model_config.model_copy(update={"vae": base_config.vae})
+        kept = []
+        if not (model_config.monolithic or base_config.monolithic):
+            other = "structure" if config.mode == "texture" else "texture"
+            if getattr(model_config, f"{other}_unet") == getattr(base_config, f"{other}_unet"):
+                kept = [other]
+        base = PanGuDraw.load(base_model_dir, components={"text", "vae", *kept}, batch_invariant=False)
         model = PanGuDraw.random(model_config, base.tokenizers, seed=seed, batch_invariant=False)
-        for name in ("vae", "text_encoder_1", "text_encoder_2"):
+        for name in ("vae", "text_encoder_1", "text_encoder_2", *(f"{k}_unet" for k in kept)):
             state = checkpoints.state_dict(base.nets[name])
             checkpoints.load_state(model.nets[name], state, source=str(base_model_dir))
     trainer = DiffusionTrainer(model, data, config, run_dir)
