@@ -14,7 +14,8 @@ Training compute is counted as the UNet's latent pixels processed: images x late
 decoupled arm's count sets the budget; each monolithic arm gets round(budget / (batch x latent pixels)) steps.
 Each trained model is evaluated with the attribute classifier on held-out prompts (English, Chinese, mixed; two
 aspect ratios): prompt adherence per attribute, the Fréchet distance of classifier features to real images, and
-seconds per image. JSON out.
+seconds per image, both as the evaluation ran (first compiles included) and warm (interleaved batches of compiled
+graphs, the inference-side comparison). JSON out.
 
     .venv/bin/python benchmarks/time_decoupled.py --work work/pangu-draw-tiny --structure-steps 400 \
         --texture-steps 240 --batch 16 --out benchmarks/results/time_decoupled.json
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--arms", default="decoupled,monolithic,monolithic_2x")
+    parser.add_argument("--timing-images", type=int, default=8,
+                        help="images per timed batch (64x64, after a warm-up batch that compiles)")
+    parser.add_argument("--timing-rounds", type=int, default=3, help="timed batches per arm, interleaved")
     parser.add_argument("--out", default="benchmarks/results/time_decoupled.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -127,6 +131,26 @@ def main(argv: list[str] | None = None) -> int:
                                                  "seconds_per_image", "count", "steps")}
         logger.info("%s: adherence %s, FD %.2f, %.3f s/image", arm, result["adherence"],
                     result["frechet_distance"], result["seconds_per_image"])
+    # Time per image with compiled graphs: the eval's figure includes each model's first compiles.
+    from diffusion.model import GenerationRequest
+
+    timing_prompts = synthetic.evaluation_prompts(args.timing_images, aspect_buckets=(5,))
+    models = {arm: PanGuDraw.load(entry["model"]) for arm, entry in report["arms"].items()}
+    requests = [GenerationRequest(prompt=p.prompt, seed=p.seed, width=64, height=64, steps=args.sample_steps)
+                for p in timing_prompts]
+    for model in models.values():
+        model.generate(requests)
+    timings: dict[str, list[float]] = {arm: [] for arm in models}
+    for _ in range(args.timing_rounds):
+        for arm, model in models.items():
+            t0 = time.perf_counter()
+            model.generate(requests)
+            timings[arm].append((time.perf_counter() - t0) / len(requests))
+    for arm, values in timings.items():
+        report["arms"][arm]["warm_seconds_per_image"] = sorted(values)[len(values) // 2]
+        report["arms"][arm]["warm_seconds_per_image_rounds"] = values
+        logger.info("%s: %.3f s/image warm (%d images of 64x64, %d steps, median of %d)", arm,
+                    report["arms"][arm]["warm_seconds_per_image"], len(requests), args.sample_steps, len(values))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
