@@ -20,7 +20,6 @@ import platform
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,44 +33,23 @@ TORCH_GEMM = ("aten::mkldnn_convolution", "aten::addmm", "aten::mm", "aten::bmm"
               "aten::_scaled_dot_product_flash_attention_for_cpu")
 
 
-def _median_wall(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def profile_mindspore(batch: int, latent: int, repeats: int) -> dict:
-    import mindspore as ms
     from mindspore import Profiler
 
     from diffusion import runtime
     from diffusion.config import BENCH_SMALL_UNET as cfg
-    from diffusion.nets.unet import UNet
+    from unet_speed import MindSporeTimer
 
     runtime.configure("cpu")
-    net = UNet(cfg)
-    net.set_train(False)
-    forward = ms.jit(net.construct)
-    rng = np.random.default_rng(0)
-    x = ms.Tensor(rng.standard_normal((batch, cfg.in_channels, latent, latent)).astype(np.float32))
-    t = ms.Tensor(np.full((batch,), 999, np.int32))
-    context = ms.Tensor(rng.standard_normal((batch, 77, cfg.context_dim)).astype(np.float32))
-    y = ms.Tensor(rng.standard_normal((batch, cfg.adm_in_channels)).astype(np.float32))
-
-    def run():
-        forward(x, t, context, y).asnumpy()
-
-    run()
-    wall = _median_wall(run, repeats)
+    timer = MindSporeTimer(cfg, graph=True, latent=latent)
+    timer.forward(batch)
+    wall = float(np.median([timer.forward(batch)[0] for _ in range(repeats)]))
     out_dir = Path(tempfile.mkdtemp(prefix="ms-profile-"))
     try:
         profiler = Profiler(output_path=str(out_dir))
         profiled = 3
         for _ in range(profiled):
-            run()
+            timer.forward(batch)
         profiler.stop()
         profiler.analyse()
         table = next(out_dir.rglob("cpu_op_type_info_*.csv"))
@@ -93,8 +71,7 @@ def profile_torch(python: str, batch: int, latent: int, threads: int, repeats: i
     try:
         timer.forward(batch)
         wall = float(np.median([timer.forward(batch)[0] for _ in range(repeats)]))
-        prof = timer._ask({"op": "profile", "batch": batch, "latent": latent})
-        return {"wall_s": wall, "implementation": timer.info["implementation"], **prof,
+        return {"wall_s": wall, "implementation": timer.info["implementation"], **timer.profile(batch),
                 "gemm_names": list(TORCH_GEMM)}
     finally:
         timer.close()

@@ -137,6 +137,10 @@ class TorchTimer:
                             "guidance": GUIDANCE})
         return answer["wall_s"], answer["cpu_s"]
 
+    def profile(self, batch: int, repeats: int = 3) -> dict:
+        """FLOPs and operator milliseconds per forward on the torch side (diffusers_reference.UNetTimer.profile)."""
+        return self._ask({"op": "profile", "batch": batch, "latent": self.latent, "repeats": repeats})
+
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
