@@ -159,12 +159,12 @@ def run_tiny(args: argparse.Namespace) -> int:
     if args.scale != 1.0:
         if args.scale <= 0:
             raise UserError("--scale must be above 0")
-        recipe = _scale_stages(recipe, ("vae", "structure", "texture"), args.scale)
+        recipe = _scale_stages(recipe, ("vae", "text", "structure", "texture"), args.scale)
     out = Path(args.out) if args.out else shipped_model_dir()
     report = build_tiny_model(out, args.work, recipe)
     stages = report["stages"]
     print(f"{out}: tiny model written ({synthetic.__name__} data, work files in {args.work})")
-    for name in ("data", "vae", "structure", "texture"):
+    for name in ("data", "vae", "text", "texture", "structure"):
         if name in stages:
             print(f"  {name:9s} {stages[name]['seconds']:7.1f} s")
     return 0

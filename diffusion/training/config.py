@@ -91,3 +91,22 @@ class VAETrainConfig(LoopConfig):
     sample_posterior: bool = False
     low_resolution_area: float = Field(0.6, gt=0, le=1)
     caption_columns: tuple[str, ...] | None = None
+
+
+class TextTrainConfig(LoopConfig):
+    """Contrastive (CLIP-style) pre-training of both text encoders against a small image tower, before the UNets.
+
+    PanGu-Draw's text encoders come pre-trained on image-text pairs and stay frozen while its generators learn; this
+    stage gives a model trained from scratch the same kind of encoders: each caption's embedding (text encoder 1:
+    the mean of its last layer over the caption's tokens; text encoder 2: its pooled projection) must pick out its
+    own image among the batch's images. The image tower and the two projection heads are thrown away afterwards.
+    """
+
+    batch_size: int = Field(128, ge=2)
+    # Images are read at this square side (every image resized to it, low-resolution ones included).
+    image_side: int = Field(32, ge=8)
+    # Width of the joint embedding space and of the image tower.
+    embed_dim: int = Field(64, ge=4)
+    tower_width: int = Field(32, ge=4)
+    # Initial temperature of the softmax (CLIP's 0.07); it is learned, capped at 1/100 as CLIP caps it.
+    temperature: float = Field(0.07, gt=0, le=1)

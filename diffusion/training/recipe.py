@@ -3,11 +3,16 @@
     data        synthetic bilingual data set (diffusion.synthetic) -> work/data/synthetic.parquet
     tokenizers  WordPiece and CLIP BPE vocabularies of the captions' words -> work/tokenizers/
     vae         the KL autoencoder on 32x32 crops, then its latent scale factor -> work/models/vae/
-    structure   structure generator + both text encoders, t in [T_s, T), all images -> work/models/structure/
-    texture     texture generator, t in [0, T_s), 8x8 latent crops of full-resolution images -> out_dir
+    text        both text encoders, contrastive against the images (text_trainer) -> work/models/text/
+    texture     texture generator, t in [0, T_s), 8x8 latent crops of full-resolution images -> work/models/texture/
+    structure   structure generator, t in [T_s, T), all images, text encoders frozen -> out_dir
 
+The two generators depend only on the VAE and the text encoders, not on each other (time-decoupled training), so
+the texture generator is trained first and the longer structure stage last: any structure checkpoint can then be
+sampled with the finished texture generator. With `text=None` the recipe has no text stage and the structure
+generator trains both text encoders through its loss (the order is then vae, structure, texture, as before).
 A stage whose model directory exists is skipped, and a stage stopped midway resumes from its last checkpoint, so
-running the same command again continues. `train_monolithic` trains the comparison model of the same data.
+running the same command again continues; a work directory made with other settings is refused.
 """
 from __future__ import annotations
 
@@ -15,13 +20,15 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from diffusion import synthetic
 from diffusion.config import ModelConfig, tiny_config
-from diffusion.training.config import DiffusionTrainConfig, OptimConfig, VAETrainConfig
+from diffusion.training.config import DiffusionTrainConfig, OptimConfig, TextTrainConfig, VAETrainConfig
 from diffusion.training.data import ImageTextSet, bucket_images, read_tables
+from schemas.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -53,27 +60,39 @@ class TinyModelRecipe(BaseModel):
         steps=100, batch_size=16, crop=32, checkpoint_every=50, log_every=25,
         optim=OptimConfig(learning_rate=1e-4, warmup_steps=20),
     )
+    # Contrastive pre-training of both text encoders (None: none; the structure stage then trains them).
+    text: TextTrainConfig | None = TextTrainConfig(
+        steps=400, batch_size=128, ema_decay=0.99, checkpoint_every=100, log_every=25,
+        optim=OptimConfig(learning_rate=1e-3, warmup_steps=50),
+    )
     structure: DiffusionTrainConfig = DiffusionTrainConfig(
-        mode="structure", steps=1600, batch_size=32, checkpoint_every=100, log_every=25,
+        mode="structure", steps=1600, batch_size=32, ema_decay=0.995, checkpoint_every=100, log_every=25,
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=100),
     )
     texture: DiffusionTrainConfig = DiffusionTrainConfig(
         mode="texture", steps=600, batch_size=32, crop_latent=8, checkpoint_every=100, log_every=25,
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=100),
     )
+    # What the structure generator predicts (the texture generator predicts epsilon).
+    structure_prediction: Literal["epsilon", "v"] = "v"
     model_channels: int = 32
     model_seed: int = 0
 
 
 def _describe(recipe: TinyModelRecipe, report: dict) -> str:
     s, t = report["stages"]["structure"], report["stages"]["texture"]
+    text = report["stages"].get("text")
+    encoders = (f"Text encoders pre-trained contrastively against the images ({text['steps']} steps x "
+                f"{recipe.text.batch_size}), then frozen. " if text else "Text encoders trained with the structure "
+                f"generator. ")
     return (
         f"{SHIPPED_NAME}: a tiny bilingual (English/Chinese/mixed) PanGu-Draw trained from scratch on "
         f"{recipe.data.num_images} synthetic images (diffusion.synthetic: {len(synthetic.SHAPES)} shapes, "
         f"{len(synthetic.COLOURS)} colours, {len(synthetic.PATTERNS)} fill patterns, coloured backgrounds) at 64x64 "
-        f"and 80x48/48x80. Structure generator t>=500 ({s['steps']} steps x {recipe.structure.batch_size}, all images "
-        f"incl. upsampled low-resolution ones), texture generator t<500 ({t['steps']} steps x "
-        f"{recipe.texture.batch_size} 32x32-pixel crops). Reproduce with `pangudraw train tiny`."
+        f"and 80x48/48x80. {encoders}Structure generator t>=500 ({recipe.structure_prediction}-prediction, "
+        f"{s['steps']} steps x {recipe.structure.batch_size}, all images incl. upsampled low-resolution ones), "
+        f"texture generator t<500 ({t['steps']} steps x {recipe.texture.batch_size} 32x32-pixel crops). "
+        f"Reproduce with `pangudraw train tiny`."
     )
 
 
@@ -101,7 +120,6 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
     from diffusion import runtime
     from diffusion.model import PanGuDraw
     from diffusion.tiny import build_tokenizers
-    from diffusion.training.diffusion_trainer import DiffusionTrainer
     from diffusion.training.vae_trainer import VAETrainer, patch_mean_init
 
     recipe = recipe or TinyModelRecipe()
@@ -110,7 +128,11 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
     work.mkdir(parents=True, exist_ok=True)
     report_path = work / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {"stages": {}}
-    report["recipe"] = json.loads(recipe.model_dump_json())
+    settings = json.loads(recipe.model_dump_json())
+    if report.get("recipe") not in (None, settings):
+        raise UserError(f"{work} holds a run of other recipe settings ({report_path}); continue it with those "
+                        f"settings or start a new work directory")
+    report["recipe"] = settings
 
     def save_report():
         report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -125,6 +147,8 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
     data = load_synthetic(data_path)
 
     config = shipped_tiny_config(model_channels=recipe.model_channels)
+    config = config.model_copy(update={"structure_unet": config.structure_unet.model_copy(
+        update={"prediction": recipe.structure_prediction})})
     tok_dir = work / "tokenizers"
     toks = build_tokenizers(tok_dir, tokenizer_corpus(), config)
 
@@ -144,31 +168,46 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
         save_report()
         log.info("VAE done: scale factor %.5g, reconstruction PSNR %.2f dB", scale, psnr)
 
-    structure_dir = work / "models" / "structure"
-    if not (structure_dir / "model.json").is_file():
-        t0 = time.perf_counter()
-        model = PanGuDraw.load(vae_dir, batch_invariant=False)
-        trainer = DiffusionTrainer(model, data, recipe.structure, work / "runs" / "structure")
-        rows = trainer.train()
-        trainer.finish()
-        model.save(structure_dir, description=f"{SHIPPED_NAME} after structure training (texture UNet untrained)",
-                   trained=False)
-        report["stages"]["structure"] = _stage_report(trainer, rows, time.perf_counter() - t0)
-        save_report()
-
-    if not (out_dir / "model.json").is_file() or report["stages"].get("texture") is None:
-        t0 = time.perf_counter()
-        model = PanGuDraw.load(structure_dir, batch_invariant=False)
-        trainer = DiffusionTrainer(model, data, recipe.texture, work / "runs" / "texture")
-        rows = trainer.train()
-        trainer.finish()
-        report["stages"]["texture"] = _stage_report(trainer, rows, time.perf_counter() - t0)
-        model.save(out_dir, description=_describe(recipe, report), trained=True)
-        save_report()
+    if recipe.text is None:
+        # The earlier recipe: the structure generator trains both text encoders, then the texture generator.
+        structure_dir = work / "models" / "structure"
+        _diffusion_stage(report, "structure", vae_dir, structure_dir, data, recipe.structure, work, save_report,
+                         f"{SHIPPED_NAME} after structure training (texture UNet untrained)", trained=False)
+        _diffusion_stage(report, "texture", structure_dir, out_dir, data, recipe.texture, work, save_report,
+                         lambda: _describe(recipe, report), trained=True)
+    else:
+        text_dir = work / "models" / "text"
+        if not (text_dir / "model.json").is_file():
+            report["stages"]["text"] = train_text_stage(vae_dir, data, recipe.text, work / "runs" / "text", text_dir)
+            save_report()
+        texture_dir = work / "models" / "texture"
+        frozen = recipe.structure.model_copy(update={"train_text_encoders": False})
+        _diffusion_stage(report, "texture", text_dir, texture_dir, data, recipe.texture, work, save_report,
+                         f"{SHIPPED_NAME} after texture training (structure UNet untrained)", trained=False)
+        _diffusion_stage(report, "structure", texture_dir, out_dir, data, frozen, work, save_report,
+                         lambda: _describe(recipe, report), trained=True)
 
     report["seconds_this_call"] = time.perf_counter() - start
     save_report()
     return report
+
+
+def _diffusion_stage(report: dict, stage: str, in_dir: Path, out_dir: Path, data: ImageTextSet,
+                     config: DiffusionTrainConfig, work: Path, save_report, description, *, trained: bool) -> None:
+    """Train one generator of the model at `in_dir` (resuming its run) and save `out_dir`, unless that is done."""
+    from diffusion.model import PanGuDraw
+    from diffusion.training.diffusion_trainer import DiffusionTrainer
+
+    if (out_dir / "model.json").is_file() and report["stages"].get(stage) is not None:
+        return
+    t0 = time.perf_counter()
+    model = PanGuDraw.load(in_dir, batch_invariant=False)
+    trainer = DiffusionTrainer(model, data, config, work / "runs" / stage)
+    rows = trainer.train()
+    trainer.finish()
+    report["stages"][stage] = _stage_report(trainer, rows, time.perf_counter() - t0)
+    model.save(out_dir, description=description() if callable(description) else description, trained=trained)
+    save_report()
 
 
 def tokenizer_corpus() -> list[str]:
@@ -228,6 +267,29 @@ def train_diffusion_stage(base_model_dir: str | Path, data: ImageTextSet, config
     trainer.finish()
     model.save(out_dir, description=description or f"{model.config.name}: {config.mode} stage", trained=True)
     return _stage_report(trainer, rows, time.perf_counter() - t0)
+
+
+def train_text_stage(base_model_dir: str | Path, data: ImageTextSet, config: TextTrainConfig, run_dir: str | Path,
+                     out_dir: str | Path) -> dict:
+    """Pre-train both text encoders of the model at `base_model_dir` contrastively (text_trainer), save `out_dir`.
+
+    The UNets are kept but marked untrained: they were fitted to the old encoders' outputs."""
+    from diffusion.model import PanGuDraw
+    from diffusion.training.text_trainer import TextEncoderTrainer
+
+    t0 = time.perf_counter()
+    model = PanGuDraw.load(base_model_dir, batch_invariant=False)
+    trainer = TextEncoderTrainer(model, data, config, run_dir)
+    rows = trainer.train()
+    trainer.finish()
+    retrieval = trainer.retrieval_accuracy()
+    log.info("text encoders done: caption-to-image retrieval among 256 images %s", retrieval)
+    cfg = model.config
+    model.save(out_dir, description=f"{cfg.name}: text encoders pre-trained for {trainer.loop.step} steps",
+               trained=False)
+    return {"seconds": time.perf_counter() - t0, "steps": trainer.loop.step, "images_seen": trainer.loop.images_seen,
+            "final_loss": rows[-1]["loss"] if rows else None,
+            "images_per_s": rows[-1]["images_per_s"] if rows else None, "retrieval_at_256": retrieval}
 
 
 def train_vae_stage(base_model_dir: str | Path, data: ImageTextSet, config: VAETrainConfig, run_dir: str | Path,
