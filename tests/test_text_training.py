@@ -1,0 +1,127 @@
+"""Contrastive pre-training of the text encoders, and the recipe stage that runs it."""
+from __future__ import annotations
+
+import json
+
+import mindspore as ms
+import numpy as np
+import pyarrow as pa
+import pytest
+from safetensors.numpy import load_file
+
+from diffusion import checkpoints, runtime, synthetic
+from diffusion.model import PanGuDraw, read_model_manifest
+from diffusion.training import ImageTextSet, OptimConfig
+from diffusion.training.config import TextTrainConfig
+from diffusion.tiny import build_random_model
+from diffusion.training.recipe import (
+    TinyModelRecipe, build_tiny_model, shipped_tiny_config, tokenizer_corpus, train_text_stage,
+)
+from diffusion.training.text_trainer import TextEncoderTrainer
+from schemas.errors import UserError
+
+runtime.configure("cpu")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A random model of the shipped layout whose vocabularies hold every caption word (the test preset's do not)."""
+    return build_random_model(tmp_path_factory.mktemp("text") / "model", config=shipped_tiny_config(),
+                              texts=tokenizer_corpus(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rows = list(synthetic.generate_rows(synthetic.SyntheticConfig(num_images=32, seed=13)))
+    return ImageTextSet.from_table(pa.Table.from_pylist(rows))
+
+
+def _cfg(**kw):
+    base = dict(steps=4, batch_size=8, checkpoint_every=2, log_every=1, image_side=16, embed_dim=16, tower_width=8,
+                optim=OptimConfig(learning_rate=2e-3, warmup_steps=1))
+    base.update(kw)
+    return TextTrainConfig(**base)
+
+
+def _log_softmax(z, axis):
+    z = z - z.max(axis=axis, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+
+
+def test_the_loss_is_clips_symmetric_cross_entropy_for_each_encoder(base_dir, data, tmp_path):
+    trainer = TextEncoderTrainer(PanGuDraw.load(base_dir, batch_invariant=False), data, _cfg(), tmp_path)
+    images, ids_1, ids_2, labels = trainer.make_batch(0).inputs
+    assert images.shape == (8, 3, 16, 16) and -1.0 <= images.min() and images.max() <= 1.0
+    np.testing.assert_array_equal(labels, np.arange(8))
+    tensors = [ms.Tensor(a) for a in (images, ids_1, ids_2, labels)]
+    img, t1, t2 = (f.asnumpy().astype(np.float64) for f in trainer.loss.features(*tensors[:3]))
+    for f in (img, t1, t2):
+        np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1.0, atol=1e-5)
+    scale = 1.0 / 0.07
+    expected = 0.0
+    for t in (t1, t2):
+        logits = img @ t.T * scale
+        diag = np.arange(8)
+        expected += -_log_softmax(logits, 1)[diag, diag].mean() - _log_softmax(logits, 0)[diag, diag].mean()
+    got = float(trainer.loss(*tensors).asnumpy())
+    assert got == pytest.approx(expected / 4.0, rel=1e-4)
+
+
+def test_the_text_stage_learns_to_tell_captions_apart_and_keeps_the_rest(base_dir, data, tmp_path):
+    config = _cfg(steps=120, batch_size=16, checkpoint_every=60, log_every=20, ema_decay=0.0, tower_width=16,
+                  optim=OptimConfig(learning_rate=3e-3, warmup_steps=10))
+    report = train_text_stage(base_dir, data, config, tmp_path / "run", tmp_path / "out")
+    assert report["steps"] == 120 and report["images_seen"] == 120 * 16
+    # 32 images: a caption finds its own image by chance 1 time in 32.
+    for name, acc in report["retrieval_at_256"].items():
+        assert acc >= 0.2, (name, report)  # measured 0.34 for both
+    assert report["final_loss"] < 0.6 * np.log(16), report
+    base = PanGuDraw.load(base_dir, batch_invariant=False)
+    out = PanGuDraw.load(tmp_path / "out", batch_invariant=False)
+    for name in ("text_encoder_1", "text_encoder_2"):
+        before, after = checkpoints.state_dict(base.nets[name]), checkpoints.state_dict(out.nets[name])
+        assert before.keys() == after.keys()
+        moved = [k for k in before if not np.array_equal(before[k], after[k])]
+        assert len(moved) > len(before) // 2, (name, moved)
+    for name in ("vae", "structure_unet", "texture_unet"):
+        before, after = checkpoints.state_dict(base.nets[name]), checkpoints.state_dict(out.nets[name])
+        assert all(np.array_equal(before[k], after[k]) for k in before), name
+    # The image tower and heads stay in the run's checkpoints, not in the model; the UNets are marked stale.
+    manifest = read_model_manifest(tmp_path / "out")
+    assert manifest["trained"] is False
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert files == sorted(f"{n}.safetensors" for n in ("structure_unet", "texture_unet", "vae", "text_encoder_1",
+                                                         "text_encoder_2"))
+    for name in ("text_encoder_1", "text_encoder_2"):
+        keys = load_file(tmp_path / "out" / f"{name}.safetensors").keys()
+        assert keys == checkpoints.state_dict(base.nets[name]).keys()
+
+
+def test_a_stopped_text_stage_resumes_to_the_same_weights(base_dir, data, tmp_path):
+    config = _cfg(ema_decay=0.5)
+    straight = TextEncoderTrainer(PanGuDraw.load(base_dir, batch_invariant=False), data, config, tmp_path / "a")
+    straight.train()
+    first = TextEncoderTrainer(PanGuDraw.load(base_dir, batch_invariant=False), data, config, tmp_path / "b")
+    first.train(stop_after=2)
+    resumed = TextEncoderTrainer(PanGuDraw.load(base_dir, batch_invariant=False), data, config, tmp_path / "b")
+    resumed.train()
+    a, b = straight.loop.state(), resumed.loop.state()
+    assert resumed.loop.step == 4 and a.keys() == b.keys()
+    assert any(k.startswith("param/contrastive/tower") for k in a)  # the image tower resumes too
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_too_few_images_for_the_batch_is_a_clear_error(base_dir, data, tmp_path):
+    with pytest.raises(ValueError, match="batch of 64 needs at least that many images; the data set has 32"):
+        TextEncoderTrainer(PanGuDraw.load(base_dir, batch_invariant=False), data, _cfg(batch_size=64), tmp_path)
+
+
+def test_the_recipe_refuses_a_work_directory_of_other_settings(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    other = TinyModelRecipe(text=None)
+    (work / "report.json").write_text(json.dumps({"stages": {}, "recipe": json.loads(other.model_dump_json())}))
+    with pytest.raises(UserError, match="other recipe settings"):
+        build_tiny_model(tmp_path / "out", work, TinyModelRecipe())
+    assert not (work / "data").exists()
