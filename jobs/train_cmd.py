@@ -64,7 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     data.set_defaults(func=run_data)
 
     for name, helptext in (("unet", "train one UNet: structure (t >= T_s), texture (t < T_s) or monolithic"),
-                           ("vae", "train the KL autoencoder")):
+                           ("vae", "train the KL autoencoder"),
+                           ("text", "pre-train both text encoders contrastively against the images (CLIP-style)")):
         s = tsub.add_parser(name, help=helptext)
         s.add_argument("--data", required=True, action="append",
                        help="Parquet file or prefix (local path, file:// or s3://) of image bytes and captions; "
@@ -73,14 +74,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         s.add_argument("--out", required=True, help="model directory to write")
         s.add_argument("--run-dir", default=None, help="checkpoints and metrics (default: OUT.run)")
         s.add_argument("--steps", type=int, default=1000)
-        s.add_argument("--batch-size", type=int, default=32)
+        s.add_argument("--batch-size", type=int, default=128 if name == "text" else 32)
         s.add_argument("--grad-accum", type=int, default=1)
         s.add_argument("--lr", type=float, default=1e-3)
         s.add_argument("--warmup", type=int, default=100)
         s.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                        help="after the warm-up: constant, or cosine decay to 0 at the last step")
         s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-        s.add_argument("--ema-decay", type=float, default=0.999)
+        s.add_argument("--ema-decay", type=float, default=0.99 if name == "text" else 0.999)
         s.add_argument("--checkpoint-every", type=int, default=200)
         s.add_argument("--seed", type=int, default=0)
         if name == "unet":
@@ -93,6 +94,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="what the UNet outputs; another than the base model's starts a fresh UNet")
             s.add_argument("--loss-weighting", default="epsilon", choices=["epsilon", "truncated_snr"],
                            help="per-sample weights of the loss (truncated_snr: max(1, 1/SNR))")
+            s.add_argument("--freeze-text", action="store_true",
+                           help="keep the text encoders fixed (default: structure and monolithic train them)")
         s.set_defaults(func=run_stage, stage=name)
 
 
@@ -193,8 +196,8 @@ def run_stage(args: argparse.Namespace) -> int:
     from diffusion import runtime
     from diffusion.config import ModelConfig
     from diffusion.model import read_model_manifest
-    from diffusion.training.config import DiffusionTrainConfig, OptimConfig, VAETrainConfig
-    from diffusion.training.recipe import train_diffusion_stage, train_vae_stage
+    from diffusion.training.config import DiffusionTrainConfig, OptimConfig, TextTrainConfig, VAETrainConfig
+    from diffusion.training.recipe import train_diffusion_stage, train_text_stage, train_vae_stage
 
     runtime.configure("cpu")
     if args.steps < 1 or args.batch_size < 1 or args.grad_accum < 1:
@@ -210,9 +213,16 @@ def run_stage(args: argparse.Namespace) -> int:
                   optim=OptimConfig(learning_rate=args.lr, warmup_steps=args.warmup, schedule=args.lr_schedule))
     if args.stage == "vae":
         report = train_vae_stage(model_dir, data, VAETrainConfig(**common), run_dir, args.out)
+    elif args.stage == "text":
+        if args.batch_size < 2:
+            raise UserError("--batch-size must be at least 2: each caption is told apart from the batch's others")
+        if args.batch_size > len(data):
+            raise UserError(f"--batch-size {args.batch_size} is more than the {len(data)} training images")
+        report = train_text_stage(model_dir, data, TextTrainConfig(**common), run_dir, args.out)
     else:
         config = DiffusionTrainConfig(mode=args.mode, crop_latent=args.crop_latent,
-                                      loss_weighting=args.loss_weighting, **common)
+                                      loss_weighting=args.loss_weighting,
+                                      train_text_encoders=False if args.freeze_text else None, **common)
         model_config = None
         base_config = ModelConfig.model_validate(base["config"])
         wants_monolithic = args.mode == "monolithic"

@@ -6,6 +6,7 @@ import json
 import mindspore as ms
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from safetensors.numpy import load_file
 
@@ -125,3 +126,29 @@ def test_the_recipe_refuses_a_work_directory_of_other_settings(tmp_path):
     with pytest.raises(UserError, match="other recipe settings"):
         build_tiny_model(tmp_path / "out", work, TinyModelRecipe())
     assert not (work / "data").exists()
+
+
+def test_cli_trains_the_text_encoders_and_a_structure_stage_that_keeps_them(base_dir, tmp_path, capsys):
+    from jobs import cli
+
+    rows = list(synthetic.generate_rows(synthetic.SyntheticConfig(num_images=32, seed=13)))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data.parquet")
+    code = cli.main(["train", "text", "--data", str(tmp_path / "data.parquet"), "--model", str(base_dir),
+                     "--batch-size", "64", "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--batch-size 64 is more than the 32 training images" in err and "Traceback" not in err
+    code = cli.main(["train", "text", "--data", str(tmp_path / "data.parquet"), "--model", str(base_dir),
+                     "--steps", "2", "--batch-size", "8", "--out", str(tmp_path / "t")])
+    assert code == 0, capsys.readouterr().err
+    assert "text trained for 2 steps" in capsys.readouterr().out
+    report = json.loads((tmp_path / "t" / "training.json").read_text())
+    assert set(report["retrieval_at_256"]) == {"text_encoder_1", "text_encoder_2"}
+    code = cli.main(["train", "unet", "--mode", "structure", "--freeze-text", "--data", str(tmp_path / "data.parquet"),
+                     "--model", str(tmp_path / "t"), "--steps", "2", "--batch-size", "4", "--out", str(tmp_path / "s")])
+    assert code == 0, capsys.readouterr().err
+    text, structure = (PanGuDraw.load(tmp_path / d, batch_invariant=False) for d in ("t", "s"))
+    for name in ("text_encoder_1", "text_encoder_2"):
+        a, b = checkpoints.state_dict(text.nets[name]), checkpoints.state_dict(structure.nets[name])
+        assert all(np.array_equal(a[k], b[k]) for k in a), name
+    a, b = checkpoints.state_dict(text.nets["structure_unet"]), checkpoints.state_dict(structure.nets["structure_unet"])
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
