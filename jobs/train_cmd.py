@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     tiny.add_argument("--work", default=DEFAULT_WORK_DIR,
                       help="data, checkpoints and report (default: %(default)s); running again continues from it")
     tiny.add_argument("--images", type=int, default=None, help="synthetic images (default: the recipe's 6000)")
+    tiny.add_argument("--text-stage", action="store_true",
+                      help="the variant with a contrastive text-encoder stage and frozen encoders "
+                           "(docs/training.md measures it)")
     tiny.add_argument("--scale", type=float, default=1.0,
                       help="multiply every stage's steps by this (a quick look: 0.1)")
     tiny.set_defaults(func=run_tiny)
@@ -154,9 +157,9 @@ def _scale_stages(recipe, stages: tuple[str, ...], scale: float):
 
 def run_tiny(args: argparse.Namespace) -> int:
     from diffusion import synthetic
-    from diffusion.training.recipe import TinyModelRecipe, build_tiny_model, shipped_model_dir
+    from diffusion.training.recipe import TinyModelRecipe, build_tiny_model, contrastive_text_recipe, shipped_model_dir
 
-    recipe = TinyModelRecipe()
+    recipe = contrastive_text_recipe() if args.text_stage else TinyModelRecipe()
     if args.images is not None:
         recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"num_images": args.images})})
     if args.scale != 1.0:

@@ -16,7 +16,8 @@ from diffusion.training import ImageTextSet, OptimConfig
 from diffusion.training.config import TextTrainConfig
 from diffusion.tiny import build_random_model
 from diffusion.training.recipe import (
-    TinyModelRecipe, build_tiny_model, shipped_tiny_config, tokenizer_corpus, train_text_stage,
+    TinyModelRecipe, build_tiny_model, check_recipe_settings, contrastive_text_recipe, shipped_tiny_config,
+    tokenizer_corpus, train_text_stage,
 )
 from diffusion.training.text_trainer import TextEncoderTrainer
 from schemas.errors import UserError
@@ -121,11 +122,18 @@ def test_too_few_images_for_the_batch_is_a_clear_error(base_dir, data, tmp_path)
 def test_the_recipe_refuses_a_work_directory_of_other_settings(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
-    other = TinyModelRecipe(text=None)
-    (work / "report.json").write_text(json.dumps({"stages": {}, "recipe": json.loads(other.model_dump_json())}))
-    with pytest.raises(UserError, match="other recipe settings"):
+    variant = contrastive_text_recipe()
+    (work / "report.json").write_text(json.dumps({"stages": {}, "recipe": json.loads(variant.model_dump_json())}))
+    with pytest.raises(UserError, match=r"other recipe settings \(structure, structure_prediction, text;"):
         build_tiny_model(tmp_path / "out", work, TinyModelRecipe())
     assert not (work / "data").exists()
+    # A report written before the text stage existed lacks its settings: that run had the defaults.
+    legacy = json.loads(TinyModelRecipe().model_dump_json())
+    del legacy["text"], legacy["structure_prediction"]
+    assert check_recipe_settings({"recipe": legacy}, TinyModelRecipe(), work / "report.json") == \
+        json.loads(TinyModelRecipe().model_dump_json())
+    with pytest.raises(UserError, match="text"):
+        check_recipe_settings({"recipe": legacy}, variant, work / "report.json")
 
 
 def test_cli_trains_the_text_encoders_and_a_structure_stage_that_keeps_them(base_dir, tmp_path, capsys):

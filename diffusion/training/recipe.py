@@ -3,14 +3,15 @@
     data        synthetic bilingual data set (diffusion.synthetic) -> work/data/synthetic.parquet
     tokenizers  WordPiece and CLIP BPE vocabularies of the captions' words -> work/tokenizers/
     vae         the KL autoencoder on 32x32 crops, then its latent scale factor -> work/models/vae/
-    text        both text encoders, contrastive against the images (text_trainer) -> work/models/text/
-    texture     texture generator, t in [0, T_s), 8x8 latent crops of full-resolution images -> work/models/texture/
-    structure   structure generator, t in [T_s, T), all images, text encoders frozen -> out_dir
+    structure   structure generator + both text encoders, t in [T_s, T), all images -> work/models/structure/
+    texture     texture generator, t in [0, T_s), 8x8 latent crops of full-resolution images -> out_dir
 
-The two generators depend only on the VAE and the text encoders, not on each other (time-decoupled training), so
-the texture generator is trained first and the longer structure stage last: any structure checkpoint can then be
-sampled with the finished texture generator. With `text=None` the recipe has no text stage and the structure
-generator trains both text encoders through its loss (the order is then vae, structure, texture, as before).
+With `TinyModelRecipe.text` set (e.g. `CONTRASTIVE_TEXT`) a text stage pre-trains both encoders contrastively
+against the images (text_trainer) -> work/models/text/, and the generators then keep them frozen. The two
+generators depend only on the VAE and the text encoders, not on each other (time-decoupled training), so that
+variant trains the texture generator first -> work/models/texture/ and the longer structure stage last -> out_dir:
+any structure checkpoint can be sampled with the finished texture generator.
+
 A stage whose model directory exists is skipped, and a stage stopped midway resumes from its last checkpoint, so
 running the same command again continues; a work directory made with other settings is refused.
 """
@@ -50,6 +51,11 @@ def shipped_tiny_config(name: str = SHIPPED_NAME, *, model_channels: int = 32, m
     return config.model_copy(update={"vae": config.vae.model_copy(update={"norm_groups": 0, "mid_attention": False})})
 
 
+# The text stage as measured in docs/training.md ("A contrastive text stage"): 400 steps x 128 images.
+CONTRASTIVE_TEXT = TextTrainConfig(steps=400, batch_size=128, ema_decay=0.99, checkpoint_every=100, log_every=25,
+                                   optim=OptimConfig(learning_rate=1e-3, warmup_steps=50))
+
+
 class TinyModelRecipe(BaseModel):
     """Every setting of the shipped model's training; the defaults are what produced the shipped weights."""
 
@@ -60,13 +66,10 @@ class TinyModelRecipe(BaseModel):
         steps=100, batch_size=16, crop=32, checkpoint_every=50, log_every=25,
         optim=OptimConfig(learning_rate=1e-4, warmup_steps=20),
     )
-    # Contrastive pre-training of both text encoders (None: none; the structure stage then trains them).
-    text: TextTrainConfig | None = TextTrainConfig(
-        steps=400, batch_size=128, ema_decay=0.99, checkpoint_every=100, log_every=25,
-        optim=OptimConfig(learning_rate=1e-3, warmup_steps=50),
-    )
+    # Contrastive pre-training of both text encoders (`CONTRASTIVE_TEXT`), or None: the structure stage trains them.
+    text: TextTrainConfig | None = None
     structure: DiffusionTrainConfig = DiffusionTrainConfig(
-        mode="structure", steps=1600, batch_size=32, ema_decay=0.995, checkpoint_every=100, log_every=25,
+        mode="structure", steps=1600, batch_size=32, checkpoint_every=100, log_every=25,
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=100),
     )
     texture: DiffusionTrainConfig = DiffusionTrainConfig(
@@ -74,7 +77,7 @@ class TinyModelRecipe(BaseModel):
         optim=OptimConfig(learning_rate=1e-3, warmup_steps=100),
     )
     # What the structure generator predicts (the texture generator predicts epsilon).
-    structure_prediction: Literal["epsilon", "v"] = "v"
+    structure_prediction: Literal["epsilon", "v"] = "epsilon"
     model_channels: int = 32
     model_seed: int = 0
 
@@ -115,6 +118,28 @@ def load_synthetic(path: Path) -> ImageTextSet:
     return ImageTextSet.from_table(read_tables([pq.read_table(path)]))
 
 
+def contrastive_text_recipe(recipe: TinyModelRecipe | None = None) -> TinyModelRecipe:
+    """The variant measured in docs/training.md: a contrastive text stage, then frozen encoders, a v-prediction
+    structure generator with EMA decay 0.995 (`pangudraw train tiny --text-stage`)."""
+    recipe = recipe or TinyModelRecipe()
+    return recipe.model_copy(update={"text": CONTRASTIVE_TEXT, "structure_prediction": "v",
+                                     "structure": recipe.structure.model_copy(update={"ema_decay": 0.995})})
+
+
+def check_recipe_settings(report: dict, recipe: TinyModelRecipe, report_path: Path) -> dict:
+    """The recipe's settings as JSON, after checking they are those of the run already in the work directory."""
+    settings = json.loads(recipe.model_dump_json())
+    stored = report.get("recipe")
+    if stored is not None:
+        # Settings added to the recipe later are absent from older reports; those runs used their defaults.
+        stored = {**json.loads(TinyModelRecipe().model_dump_json()), **stored}
+        if stored != settings:
+            changed = sorted(k for k in settings if stored.get(k) != settings[k])
+            raise UserError(f"{report_path.parent} holds a run of other recipe settings ({', '.join(changed)}; see "
+                            f"{report_path}); continue it with those settings or start a new work directory")
+    return settings
+
+
 def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyModelRecipe | None = None) -> dict:
     """Run (or continue) every stage; returns the report, also written to work_dir/report.json."""
     from diffusion import runtime
@@ -128,11 +153,7 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
     work.mkdir(parents=True, exist_ok=True)
     report_path = work / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {"stages": {}}
-    settings = json.loads(recipe.model_dump_json())
-    if report.get("recipe") not in (None, settings):
-        raise UserError(f"{work} holds a run of other recipe settings ({report_path}); continue it with those "
-                        f"settings or start a new work directory")
-    report["recipe"] = settings
+    report["recipe"] = check_recipe_settings(report, recipe, report_path)
 
     def save_report():
         report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
