@@ -24,7 +24,7 @@ from diffusion import buckets
 from diffusion.guidance import STYLE_TRIGGERS
 from diffusion.training.config import DiffusionTrainConfig
 from diffusion.training.data import BatchOrder, BucketedImages, ImageTextSet, bucket_images, step_rng
-from diffusion.training.loop import Batch, TrainingLoop
+from diffusion.training.loop import Batch, LoopTrainer, TrainingLoop
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def sample_timesteps(rng: np.random.Generator, mode: str, switch_timestep: int, 
     return rng.integers(low, high, size=count).astype(np.int32)
 
 
-class DiffusionTrainer:
+class DiffusionTrainer(LoopTrainer):
     """Trains one UNet of `model` (a PanGuDraw with every component) in place; see the module docstring."""
 
     def __init__(self, model, data: ImageTextSet, config: DiffusionTrainConfig, run_dir: str | Path):
@@ -258,19 +258,6 @@ class DiffusionTrainer:
         return Batch(inputs, images=len(rows), pixels=int(x0.shape[2] * x0.shape[3]))
 
     # ------------------------------------------------------------------ training
-
-    def train(self, *, resume: bool = True, stop_after: int | None = None) -> list[dict]:
-        """Run (or continue) training; returns the metrics rows logged by this call."""
-        if resume:
-            self.loop.resume()
-        rows = self.loop.run(self.make_batch, stop_after=stop_after)
-        return rows
-
-    def finish(self) -> None:
-        """Put the EMA weights into the model's networks and set them back to inference."""
-        self.loop.copy_ema_into_nets()
-        for net in self.loop.nets.values():
-            net.set_train(False)
 
     def data_usage(self) -> dict:
         """How much of the data set this trainer could use, and at which latent sizes."""

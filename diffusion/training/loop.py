@@ -366,6 +366,28 @@ class TrainingLoop:
         return {name[len(prefix):]: v for name, v in self.ema.items() if name.startswith(prefix)}
 
 
+class LoopTrainer:
+    """What every trainer shares: a `loop` (TrainingLoop) fed by the trainer's `make_batch`."""
+
+    loop: TrainingLoop
+
+    def make_batch(self, micro_step: int) -> Batch:
+        raise NotImplementedError
+
+    def train(self, *, resume: bool = True, stop_after: int | None = None) -> list[dict]:
+        """Run (or continue, from the run directory's last checkpoint) training; the metrics rows of this call."""
+        if resume:
+            self.loop.resume()
+        return self.loop.run(self.make_batch, stop_after=stop_after)
+
+    def finish(self) -> None:
+        """Put the EMA weights into the trained networks and set them back to inference (the model's compiled
+        forwards read the same parameters)."""
+        self.loop.copy_ema_into_nets()
+        for net in self.loop.nets.values():
+            net.set_train(False)
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / CHECKPOINT_DIR
     pointer = root / LATEST_FILE

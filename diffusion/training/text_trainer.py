@@ -23,7 +23,7 @@ from PIL import Image
 from diffusion.nets.layers import Conv2d
 from diffusion.training.config import TextTrainConfig
 from diffusion.training.data import BatchOrder, ImageTextSet, step_rng
-from diffusion.training.loop import Batch, TrainingLoop
+from diffusion.training.loop import Batch, LoopTrainer, TrainingLoop
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def resize_square(images: list[np.ndarray], side: int) -> np.ndarray:
     return out
 
 
-class TextEncoderTrainer:
+class TextEncoderTrainer(LoopTrainer):
     """Trains `model.nets["text_encoder_1"]` and `["text_encoder_2"]` in place on every image of `data`."""
 
     def __init__(self, model, data: ImageTextSet, config: TextTrainConfig, run_dir: str | Path):
@@ -135,17 +135,6 @@ class TextEncoderTrainer:
         labels = np.arange(len(members), dtype=np.int32)
         inputs = (self.images[members], toks["text_encoder_1"](texts), toks["text_encoder_2"](texts), labels)
         return Batch(inputs, images=len(members))
-
-    def train(self, *, resume: bool = True, stop_after: int | None = None) -> list[dict]:
-        if resume:
-            self.loop.resume()
-        return self.loop.run(self.make_batch, stop_after=stop_after)
-
-    def finish(self) -> None:
-        """Put the EMA weights into the encoders and set them back to inference."""
-        self.loop.copy_ema_into_nets()
-        for net in self.loop.nets.values():
-            net.set_train(False)
 
     def retrieval_accuracy(self, count: int = 256, seed: int = 1) -> dict[str, float]:
         """Share of `count` images whose own caption (one random language each) ranks first among the captions of

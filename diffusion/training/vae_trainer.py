@@ -14,7 +14,7 @@ from mindspore import nn, ops
 
 from diffusion.training.config import VAETrainConfig
 from diffusion.training.data import BatchOrder, ImageTextSet, bucket_images, step_rng
-from diffusion.training.loop import Batch, TrainingLoop
+from diffusion.training.loop import Batch, LoopTrainer, TrainingLoop
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def patch_mean_init(vae) -> None:
 VAE_REBUILD_EVERY = 16
 
 
-class VAETrainer:
+class VAETrainer(LoopTrainer):
     """Trains `model.nets["vae"]` in place on random crops of the data set's full-resolution images."""
 
     def __init__(self, model, data: ImageTextSet, config: VAETrainConfig, run_dir: str | Path):
@@ -167,16 +167,6 @@ class VAETrainer:
         z = c // self.factor
         noise = rng.standard_normal((len(crops), self.latent_channels, z, z), dtype=np.float32)
         return Batch((x, noise), images=len(crops))
-
-    def train(self, *, resume: bool = True, stop_after: int | None = None) -> list[dict]:
-        if resume:
-            self.loop.resume()
-        return self.loop.run(self.make_batch, stop_after=stop_after)
-
-    def finish(self) -> None:
-        self.loop.copy_ema_into_nets()
-        self.model.nets["vae"].set_train(False)
-        # The compiled forwards of the model were built for inference; they read the same parameters.
 
 
 def fit_scale_factor(model, images_by_bucket: dict[int, np.ndarray], limit: int = 512) -> float:
