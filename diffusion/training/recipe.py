@@ -82,19 +82,17 @@ class TinyModelRecipe(BaseModel):
     model_seed: int = 0
 
 
-def _describe(recipe: TinyModelRecipe, report: dict) -> str:
-    s, t = report["stages"]["structure"], report["stages"]["texture"]
-    text = report["stages"].get("text")
-    encoders = (f"Text encoders pre-trained contrastively against the images ({text['steps']} steps x "
-                f"{recipe.text.batch_size}), then frozen. " if text else "Text encoders trained with the structure "
-                f"generator. ")
+def _describe(recipe: TinyModelRecipe) -> str:
+    encoders = (f"Text encoders pre-trained contrastively against the images ({recipe.text.steps} steps x "
+                f"{recipe.text.batch_size}), then frozen. " if recipe.text else "Text encoders trained with the "
+                f"structure generator. ")
     return (
         f"{SHIPPED_NAME}: a tiny bilingual (English/Chinese/mixed) PanGu-Draw trained from scratch on "
         f"{recipe.data.num_images} synthetic images (diffusion.synthetic: {len(synthetic.SHAPES)} shapes, "
         f"{len(synthetic.COLOURS)} colours, {len(synthetic.PATTERNS)} fill patterns, coloured backgrounds) at 64x64 "
         f"and 80x48/48x80. {encoders}Structure generator t>=500 ({recipe.structure_prediction}-prediction, "
-        f"{s['steps']} steps x {recipe.structure.batch_size}, all images incl. upsampled low-resolution ones), "
-        f"texture generator t<500 ({t['steps']} steps x {recipe.texture.batch_size} 32x32-pixel crops). "
+        f"{recipe.structure.steps} steps x {recipe.structure.batch_size}, all images incl. upsampled low-resolution ones), "
+        f"texture generator t<500 ({recipe.texture.steps} steps x {recipe.texture.batch_size} 32x32-pixel crops). "
         f"Reproduce with `pangudraw train tiny`."
     )
 
@@ -195,7 +193,7 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
         _diffusion_stage(report, "structure", vae_dir, structure_dir, data, recipe.structure, work, save_report,
                          f"{SHIPPED_NAME} after structure training (texture UNet untrained)", trained=False)
         _diffusion_stage(report, "texture", structure_dir, out_dir, data, recipe.texture, work, save_report,
-                         lambda: _describe(recipe, report), trained=True)
+                         _describe(recipe), trained=True)
     else:
         text_dir = work / "models" / "text"
         if not (text_dir / "model.json").is_file():
@@ -206,7 +204,7 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
         _diffusion_stage(report, "texture", text_dir, texture_dir, data, recipe.texture, work, save_report,
                          f"{SHIPPED_NAME} after texture training (structure UNet untrained)", trained=False)
         _diffusion_stage(report, "structure", texture_dir, out_dir, data, frozen, work, save_report,
-                         lambda: _describe(recipe, report), trained=True)
+                         _describe(recipe), trained=True)
 
     report["seconds_this_call"] = time.perf_counter() - start
     save_report()
@@ -214,20 +212,13 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
 
 
 def _diffusion_stage(report: dict, stage: str, in_dir: Path, out_dir: Path, data: ImageTextSet,
-                     config: DiffusionTrainConfig, work: Path, save_report, description, *, trained: bool) -> None:
-    """Train one generator of the model at `in_dir` (resuming its run) and save `out_dir`, unless that is done."""
-    from diffusion.model import PanGuDraw
-    from diffusion.training.diffusion_trainer import DiffusionTrainer
-
+                     config: DiffusionTrainConfig, work: Path, save_report, description: str, *,
+                     trained: bool) -> None:
+    """`train_diffusion_stage` for the recipe: skipped when done, its report kept in the work directory's."""
     if (out_dir / "model.json").is_file() and report["stages"].get(stage) is not None:
         return
-    t0 = time.perf_counter()
-    model = PanGuDraw.load(in_dir, batch_invariant=False)
-    trainer = DiffusionTrainer(model, data, config, work / "runs" / stage)
-    rows = trainer.train()
-    trainer.finish()
-    report["stages"][stage] = _stage_report(trainer, rows, time.perf_counter() - t0)
-    model.save(out_dir, description=description() if callable(description) else description, trained=trained)
+    report["stages"][stage] = train_diffusion_stage(in_dir, data, config, work / "runs" / stage, out_dir,
+                                                    description=description, trained=trained)
     save_report()
 
 
@@ -255,7 +246,7 @@ def _stage_report(trainer, rows: list[dict], seconds: float) -> dict:
 
 def train_diffusion_stage(base_model_dir: str | Path, data: ImageTextSet, config: DiffusionTrainConfig,
                           run_dir: str | Path, out_dir: str | Path, *, model_config: ModelConfig | None = None,
-                          seed: int = 0, description: str = "") -> dict:
+                          seed: int = 0, description: str = "", trained: bool = True) -> dict:
     """Train one UNet stage starting from `base_model_dir` (its VAE, tokenizers and text encoders), save `out_dir`.
 
     With `model_config` (e.g. a monolithic or wider config, or another prediction), a fresh model of that config
@@ -286,7 +277,7 @@ def train_diffusion_stage(base_model_dir: str | Path, data: ImageTextSet, config
     trainer = DiffusionTrainer(model, data, config, run_dir)
     rows = trainer.train()
     trainer.finish()
-    model.save(out_dir, description=description or f"{model.config.name}: {config.mode} stage", trained=True)
+    model.save(out_dir, description=description or f"{model.config.name}: {config.mode} stage", trained=trained)
     return _stage_report(trainer, rows, time.perf_counter() - t0)
 
 
