@@ -35,6 +35,11 @@ class UNetConfig(_Frozen):
     # What the network outputs: the noise ("epsilon", SDXL and the released PanGu-Draw) or the velocity
     # v = sqrt(a) eps - sqrt(1 - a) x0 ("v"), which at high noise is close to -x0 (`diffusion.schedule.x0_from_output`).
     prediction: Literal["epsilon", "v"] = "epsilon"
+    # Two more input channels, made inside the network, holding each latent pixel's x and y position in (-1, 1)
+    # (False: the SDXL layout). Convolutions and attention see no absolute position except through the zero
+    # padding, so a small UNet started from noise grows its shape's outline out of the noise; with the position
+    # it can draw a template at a place.
+    position_channels: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "UNetConfig":

@@ -95,6 +95,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="start a fresh UNet of this model_channels (monolithic comparisons); default: keep")
             s.add_argument("--prediction", default=None, choices=["epsilon", "v"],
                            help="what the UNet outputs; another than the base model's starts a fresh UNet")
+            s.add_argument("--position-channels", default=None, choices=["on", "off"],
+                           help="give the UNet each latent pixel's position as two more input channels; another "
+                                "setting than the base model's starts a fresh UNet")
             s.add_argument("--loss-weighting", default="epsilon", choices=["epsilon", "truncated_snr"],
                            help="per-sample weights of the loss (truncated_snr: max(1, 1/SNR))")
             s.add_argument("--freeze-text", action="store_true",
@@ -230,19 +233,24 @@ def run_stage(args: argparse.Namespace) -> int:
         base_config = ModelConfig.model_validate(base["config"])
         wants_monolithic = args.mode == "monolithic"
         trained = "texture_unet" if args.mode == "texture" else "structure_unet"
-        new_prediction = args.prediction not in (None, getattr(base_config, trained).prediction)
+        # Settings that make a fresh UNet when they differ from the base model's.
+        changes = {}
+        if args.prediction is not None:
+            changes["prediction"] = args.prediction
+        if args.position_channels is not None:
+            changes["position_channels"] = args.position_channels == "on"
+        current = getattr(base_config, trained)
+        changed = any(getattr(current, k) != v for k, v in changes.items())
         if args.width is not None or wants_monolithic != base_config.monolithic:
             unet = base_config.structure_unet
             if args.width is not None:
                 unet = unet.model_copy(update={"model_channels": args.width})
-            if args.prediction is not None:
-                unet = unet.model_copy(update={"prediction": args.prediction})
+            unet = unet.model_copy(update=changes)
             model_config = base_config.model_copy(update={
                 "structure_unet": unet, "texture_unet": unet, "monolithic": wants_monolithic})
-        elif new_prediction:
-            # A fresh UNet of the other prediction; the other generator and everything else stay as they are.
-            model_config = base_config.model_copy(update={
-                trained: getattr(base_config, trained).model_copy(update={"prediction": args.prediction})})
+        elif changed:
+            # A fresh UNet of the new settings; the other generator and everything else stay as they are.
+            model_config = base_config.model_copy(update={trained: current.model_copy(update=changes)})
         report = train_diffusion_stage(model_dir, data, config, run_dir, args.out, model_config=model_config,
                                        seed=args.seed)
     (Path(args.out) / "training.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

@@ -148,6 +148,17 @@ class Upsample(nn.Cell):
         return self.conv(ops.reshape(x, (b, c, h * 2, w * 2)))
 
 
+def position_grid(x):
+    """(B, C, H, W) -> (B, 2, H, W): each pixel's x (channel 0) and y (channel 1) position, pixel centres in (-1, 1)
+    from left to right and top to bottom, the same for every aspect ratio."""
+    b, height, width = x.shape[0], x.shape[2], x.shape[3]
+    xs = (ops.arange(width).astype(x.dtype) * 2.0 + 1.0) / width - 1.0
+    ys = (ops.arange(height).astype(x.dtype) * 2.0 + 1.0) / height - 1.0
+    grid = ops.stack((ops.broadcast_to(xs.reshape(1, width), (height, width)),
+                      ops.broadcast_to(ys.reshape(height, 1), (height, width))))
+    return ops.broadcast_to(grid.expand_dims(0), (b, 2, height, width))
+
+
 class UNet(nn.Cell):
     """eps = UNet(x, timesteps, context, y) for latents x (B, C, h, w), DDPM timesteps (B,), text context, label y."""
 
@@ -169,7 +180,8 @@ class UNet(nn.Cell):
             heads = ch // cfg.num_head_channels
             return SpatialTransformer(ch, heads, cfg.num_head_channels, depth, cfg.context_dim, groups, dtype)
 
-        input_blocks = [nn.CellList([InputConv(cfg.in_channels, mc, dtype)])]
+        self.position_channels = cfg.position_channels
+        input_blocks = [nn.CellList([InputConv(cfg.in_channels + (2 if cfg.position_channels else 0), mc, dtype)])]
         skip_channels = [mc]
         ch = mc
         last_level = len(cfg.channel_mult) - 1
@@ -214,6 +226,8 @@ class UNet(nn.Cell):
         emb = self.time_embed(t_emb) + self.label_emb(y.astype(self.compute_dtype))
         context = context.astype(self.compute_dtype)
         h = x.astype(self.compute_dtype)
+        if self.position_channels:
+            h = ops.concat((h, position_grid(h)), axis=1)
         skips = []
         for block in self.input_blocks:
             for layer in block:
