@@ -40,6 +40,9 @@ class UNetConfig(_Frozen):
     # padding, so a small UNet started from noise grows its shape's outline out of the noise; with the position
     # it can draw a template at a place.
     position_channels: bool = False
+    # ResBlocks take a scale and a shift of their second norm's output from the time/label embedding (FiLM, as in
+    # the improved-DDPM and ADM UNets) instead of adding it (False: the SDXL layout). Doubles each `emb_layers`.
+    scale_shift_norm: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "UNetConfig":

@@ -98,6 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             s.add_argument("--position-channels", default=None, choices=["on", "off"],
                            help="give the UNet each latent pixel's position as two more input channels; another "
                                 "setting than the base model's starts a fresh UNet")
+            s.add_argument("--scale-shift-norm", default=None, choices=["on", "off"],
+                           help="ResBlocks take a scale and shift from the time/label embedding (FiLM); another "
+                                "setting than the base model's starts a fresh UNet")
             s.add_argument("--loss-weighting", default="epsilon", choices=["epsilon", "truncated_snr"],
                            help="per-sample weights of the loss (truncated_snr: max(1, 1/SNR))")
             s.add_argument("--freeze-text", action="store_true",
@@ -237,8 +240,9 @@ def run_stage(args: argparse.Namespace) -> int:
         changes = {}
         if args.prediction is not None:
             changes["prediction"] = args.prediction
-        if args.position_channels is not None:
-            changes["position_channels"] = args.position_channels == "on"
+        for flag in ("position_channels", "scale_shift_norm"):
+            if getattr(args, flag) is not None:
+                changes[flag] = getattr(args, flag) == "on"
         current = getattr(base_config, trained)
         changed = any(getattr(current, k) != v for k, v in changes.items())
         if args.width is not None or wants_monolithic != base_config.monolithic:

@@ -187,16 +187,19 @@ def test_cli_trains_a_stage_from_s3_data(tiny_model_dir, table, s3_bucket, tmp_p
     assert changed and unchanged
 
 
-def test_cli_prediction_v_starts_a_fresh_unet_and_keeps_the_other(tiny_model_dir, table, tmp_path, capsys):
+def test_cli_prediction_v_and_position_channels_start_a_fresh_unet_and_keep_the_other(tiny_model_dir, table, tmp_path, capsys):
     data_path = tmp_path / "data.parquet"
     pq.write_table(table, data_path)
     out = tmp_path / "v-structure"
     code = cli.main(["train", "unet", "--mode", "structure", "--data", str(data_path), "--model", str(tiny_model_dir),
                      "--out", str(out), "--steps", "2", "--batch-size", "4", "--checkpoint-every", "2",
-                     "--prediction", "v", "--lr-schedule", "cosine", "--loss-weighting", "truncated_snr"])
+                     "--prediction", "v", "--lr-schedule", "cosine", "--loss-weighting", "truncated_snr",
+                     "--position-channels", "on"])
     assert code == 0, capsys.readouterr().err
     loaded, before = _fresh(out), _fresh(tiny_model_dir)
-    assert loaded.config.structure_unet.prediction == "v"
+    assert loaded.config.structure_unet.prediction == "v" and loaded.config.structure_unet.position_channels
+    conv_in = dict(loaded.nets["structure_unet"].parameters_and_names())["input_blocks.0.0.weight"]
+    assert tuple(conv_in.shape)[1] == loaded.config.structure_unet.in_channels + 2
     assert loaded.config.texture_unet == before.config.texture_unet
     old = {n: p.asnumpy() for n, p in before.nets["texture_unet"].parameters_and_names()}
     assert all(np.array_equal(p.asnumpy(), old[n]) for n, p in loaded.nets["texture_unet"].parameters_and_names())

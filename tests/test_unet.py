@@ -11,7 +11,7 @@ from mindspore.nn.utils import no_init_parameters
 
 from diffusion.config import BENCH_SMALL_UNET, PANGU_DRAW_V3, tiny_config
 from diffusion.nets import layers
-from diffusion.nets.unet import UNet, count_parameters
+from diffusion.nets.unet import ResBlock, UNet, count_parameters, position_grid
 
 # The shared reference folder sits beside the repository checkout.
 REFERENCE_KEYS = Path(__file__).resolve().parents[2] / "shared/reference/sdxl_base_mindspore_keys.txt"
@@ -132,6 +132,46 @@ def test_float16_net_tracks_the_float32_net(tiny_unet):
     low = run(half, x, t, context, y)
     assert low.dtype == np.float32
     assert np.abs(low - full).max() < 0.05 * np.abs(full).max()
+
+
+def test_position_channels_are_the_pixels_places_fed_after_the_latents():
+    grid = position_grid(ms.Tensor(np.zeros((2, 4, 3, 5), np.float32))).asnumpy()
+    assert grid.shape == (2, 2, 3, 5)
+    # Pixel centres in (-1, 1): x left to right along a row, y top to bottom down a column, the same in each row.
+    np.testing.assert_allclose(grid[1, 0], np.broadcast_to([-0.8, -0.4, 0.0, 0.4, 0.8], (3, 5)), atol=1e-6)
+    np.testing.assert_allclose(grid[0, 1], np.broadcast_to([[-2 / 3], [0.0], [2 / 3]], (3, 5)), atol=1e-6)
+    # A UNet with position channels equals a six-channel UNet of the same weights fed the grid by hand.
+    with_pos = UNet(TINY.model_copy(update={"position_channels": True}))
+    by_hand = UNet(TINY.model_copy(update={"in_channels": TINY.in_channels + 2}))
+    randomize(with_pos, seed=7)
+    weights = dict(with_pos.parameters_and_names())
+    assert tuple(weights["input_blocks.0.0.weight"].shape)[1] == TINY.in_channels + 2
+    for name, p in by_hand.parameters_and_names():
+        p.set_data(weights[name].data.copy())
+    x, t, context, y = tiny_inputs(2, seed=5, side=8)
+    x = np.concatenate([x, x], axis=3)  # 8x16: not square
+    fed = np.concatenate([x, position_grid(ms.Tensor(x)).asnumpy()], axis=1)
+    out = run(ms.jit(with_pos.construct), x, t, context, y)
+    np.testing.assert_allclose(out, run(by_hand, fed, t, context, y), rtol=1e-5, atol=1e-5)
+    # The grid channels carry weight: without them the output changes.
+    assert np.abs(run(by_hand, np.concatenate([x, np.zeros_like(fed[:, 4:])], axis=1), t, context, y) - out).max() > 1e-3
+
+
+def test_scale_shift_norm_scales_and_shifts_the_second_norm_by_the_embedding():
+    block = ResBlock(8, 16, 12, 4, scale_shift=True)
+    randomize(block, seed=2)
+    assert tuple(block.emb_layers[1].weight.shape) == (32, 12)
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.standard_normal((2, 8, 5, 6)).astype(np.float32))
+    emb = ms.Tensor(rng.standard_normal((2, 12)).astype(np.float32))
+    e = block.emb_layers(emb).asnumpy()[:, :, None, None]
+    normed = block.out_layers[0](block.in_layers(x)).asnumpy()
+    film = ms.Tensor((normed * (1.0 + e[:, :16]) + e[:, 16:]).astype(np.float32))
+    expected = block.skip_connection(x).asnumpy() + block.out_layers[3](block.out_layers[1](film)).asnumpy()
+    np.testing.assert_allclose(block(x, emb).asnumpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ms.jit(block.construct)(x, emb).asnumpy(), expected, rtol=1e-5, atol=1e-5)
+    # The embedding multiplies: doubling it is not the additive block's doubled shift.
+    assert np.abs(block(x, emb * 2).asnumpy() - block(x, emb).asnumpy()).max() > 1e-3
 
 
 def test_timestep_embedding_is_cos_then_sin():

@@ -35,12 +35,17 @@ class InputConv(Conv2d):
 class ResBlock(nn.Cell):
     """GroupNorm-SiLU-conv, add the projected time embedding, GroupNorm-SiLU-conv, plus a skip path."""
 
-    def __init__(self, channels: int, out_channels: int, emb_channels: int, groups: int, dtype=ms.float32):
+    def __init__(self, channels: int, out_channels: int, emb_channels: int, groups: int, dtype=ms.float32,
+                 scale_shift: bool = False):
         super().__init__()
+        self.scale_shift = scale_shift
+        self.out_channels = out_channels
         self.in_layers = nn.SequentialCell([
             GroupNorm32(groups, channels, RESBLOCK_NORM_EPS, dtype), nn.SiLU(), _conv3x3(channels, out_channels, dtype=dtype),
         ])
-        self.emb_layers = nn.SequentialCell([nn.SiLU(), nn.Dense(emb_channels, out_channels, dtype=dtype)])
+        # With `scale_shift` the embedding gives a scale and a shift of the second norm's output (FiLM).
+        self.emb_layers = nn.SequentialCell([
+            nn.SiLU(), nn.Dense(emb_channels, out_channels * (2 if scale_shift else 1), dtype=dtype)])
         # Index 2 is the (inference-time no-op) dropout of the released layout.
         self.out_layers = nn.SequentialCell([
             GroupNorm32(groups, out_channels, RESBLOCK_NORM_EPS, dtype), nn.SiLU(), nn.Identity(),
@@ -54,8 +59,13 @@ class ResBlock(nn.Cell):
 
     def construct(self, x, emb, context=None):
         h = self.in_layers(x)
-        h = h + ops.expand_dims(ops.expand_dims(self.emb_layers(emb), -1), -1)
-        h = self.out_layers(h)
+        e = ops.expand_dims(ops.expand_dims(self.emb_layers(emb), -1), -1)
+        if self.scale_shift:
+            c = self.out_channels
+            h = self.out_layers[0](h) * (1.0 + e[:, :c]) + e[:, c:]
+            h = self.out_layers[3](self.out_layers[1](h))
+        else:
+            h = self.out_layers(h + e)
         return self.skip_connection(x) + h
 
 
@@ -170,6 +180,7 @@ class UNet(nn.Cell):
         mc = cfg.model_channels
         ted = cfg.time_embed_dim
         groups = cfg.norm_groups
+        ss = cfg.scale_shift_norm
 
         self.time_embed = nn.SequentialCell([nn.Dense(mc, ted, dtype=dtype), nn.SiLU(), nn.Dense(ted, ted, dtype=dtype)])
         self.label_emb = nn.SequentialCell([nn.SequentialCell([
@@ -187,7 +198,7 @@ class UNet(nn.Cell):
         last_level = len(cfg.channel_mult) - 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, mc * mult, ted, groups, dtype)]
+                layers = [ResBlock(ch, mc * mult, ted, groups, dtype, ss)]
                 ch = mc * mult
                 if cfg.transformer_depth[level] > 0:
                     layers.append(transformer(ch, cfg.transformer_depth[level]))
@@ -198,17 +209,17 @@ class UNet(nn.Cell):
                 skip_channels.append(ch)
         self.input_blocks = nn.CellList(input_blocks)
 
-        middle = [ResBlock(ch, ch, ted, groups, dtype)]
+        middle = [ResBlock(ch, ch, ted, groups, dtype, ss)]
         if cfg.transformer_depth_middle > 0:
             middle.append(transformer(ch, cfg.transformer_depth_middle))
-        middle.append(ResBlock(ch, ch, ted, groups, dtype))
+        middle.append(ResBlock(ch, ch, ted, groups, dtype, ss))
         self.middle_block = nn.CellList(middle)
 
         output_blocks = []
         for level in range(last_level, -1, -1):
             mult = cfg.channel_mult[level]
             for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), mc * mult, ted, groups, dtype)]
+                layers = [ResBlock(ch + skip_channels.pop(), mc * mult, ted, groups, dtype, ss)]
                 ch = mc * mult
                 if cfg.transformer_depth[level] > 0:
                     layers.append(transformer(ch, cfg.transformer_depth[level]))
