@@ -5,7 +5,9 @@ VAE, noised to step k's sigma (x = x0 + sigma_k * eps, the sampler's own paramet
 the end with the prompt; the attribute classifier reads the results. k = 0 is ordinary generation from pure noise;
 the steps before the model's split are the structure generator's, the others the texture generator's. A model that
 keeps the shape from step k keeps what the real image had at that noise level; where the read shape falls, the
-generator of those steps is what loses it. JSON out (adherence per start step).
+generator of those steps is what loses it. With --one-step the classifier reads the model's guided x0 prediction
+at step k instead (one UNet call from the noised real image): what the generator of that step believes the image
+is, before any later step can sharpen or change it. JSON out (adherence per start step).
 
     .venv/bin/python benchmarks/shape_from_real.py --model diffusion/shipped/pangu-draw-tiny --starts 0,4,8,11,16 \
         --count 24 --out benchmarks/results/shape_from_real.json
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=6.0)
     parser.add_argument("--aesthetic", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--one-step", action="store_true",
+                        help="read the x0 prediction of step k (one UNet call) instead of the finished sample")
     parser.add_argument("--out", default="benchmarks/results/shape_from_real.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     eps = np.random.default_rng(args.seed).standard_normal(x0.shape).astype(np.float32)
     report = {"benchmark": "shape_from_real", "model": str(args.model or "shipped"), "count": len(prompts),
               "steps": args.steps, "split": plan.split, "guidance_scale": args.guidance,
-              "aesthetic_scale": args.aesthetic,
+              "aesthetic_scale": args.aesthetic, "read": "x0 prediction of the start step" if args.one_step
+              else "finished sample",
               "real_images": evaluation.adherence(classifier.predict(real), targets),
               "vae_round_trip": evaluation.adherence(classifier.predict(list(model.decode(x0))), targets),
               "starts": []}
@@ -72,7 +77,17 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         sigma = np.float32(sigmas[k])
         x = x0 + sigma * eps if k > 0 else eps * np.float32(np.sqrt(sigmas[0] ** 2 + 1.0))
-        latents = model.run_steps(requests, conds, x, range(k, len(plan.timesteps)), {})
+        if args.one_step:
+            seen = {}
+
+            def keep(x_cur, i, denoised):
+                seen["x0"] = denoised
+                return denoised
+
+            model.run_steps(requests, conds, x, range(k, k + 1), {}, fuse=keep)
+            latents = seen["x0"]
+        else:
+            latents = model.run_steps(requests, conds, x, range(k, len(plan.timesteps)), {})
         result = evaluation.adherence(classifier.predict(list(model.decode(latents))), targets)
         row = {"start_step": k, "timestep": int(plan.timesteps[k]), "sigma": float(sigma),
                "first_unet": "structure" if k < plan.split else "texture", "adherence": result,
