@@ -36,9 +36,8 @@ class UNetConfig(_Frozen):
     # v = sqrt(a) eps - sqrt(1 - a) x0 ("v"), which at high noise is close to -x0 (`diffusion.schedule.x0_from_output`).
     prediction: Literal["epsilon", "v"] = "epsilon"
     # Two more input channels, made inside the network, holding each latent pixel's x and y position in (-1, 1)
-    # (False: the SDXL layout). Convolutions and attention see no absolute position except through the zero
-    # padding, so a small UNet started from noise grows its shape's outline out of the noise; with the position
-    # it can draw a template at a place.
+    # (False: the SDXL layout). Convolutions and attention see absolute position only through the zero padding;
+    # docs/training.md measures what reading it does for the tiny structure generator.
     position_channels: bool = False
     # ResBlocks take a scale and a shift of their second norm's output from the time/label embedding (FiLM, as in
     # the improved-DDPM and ADM UNets) instead of adding it (False: the SDXL layout). Doubles each `emb_layers`.
