@@ -103,6 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                 "setting than the base model's starts a fresh UNet")
             s.add_argument("--loss-weighting", default="epsilon", choices=["epsilon", "truncated_snr"],
                            help="per-sample weights of the loss (truncated_snr: max(1, 1/SNR))")
+            s.add_argument("--full-resolution-only", action="store_true",
+                           help="structure: leave out the low-resolution images (by default it uses them upsampled)")
             s.add_argument("--freeze-text", action="store_true",
                            help="keep the text encoders fixed (default: structure and monolithic train them)")
         s.set_defaults(func=run_stage, stage=name)
@@ -231,7 +233,8 @@ def run_stage(args: argparse.Namespace) -> int:
     else:
         config = DiffusionTrainConfig(mode=args.mode, crop_latent=args.crop_latent,
                                       loss_weighting=args.loss_weighting,
-                                      train_text_encoders=False if args.freeze_text else None, **common)
+                                      train_text_encoders=False if args.freeze_text else None,
+                                      use_low_resolution=False if args.full_resolution_only else None, **common)
         model_config = None
         base_config = ModelConfig.model_validate(base["config"])
         wants_monolithic = args.mode == "monolithic"

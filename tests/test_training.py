@@ -194,7 +194,7 @@ def test_cli_prediction_v_and_position_channels_start_a_fresh_unet_and_keep_the_
     code = cli.main(["train", "unet", "--mode", "structure", "--data", str(data_path), "--model", str(tiny_model_dir),
                      "--out", str(out), "--steps", "2", "--batch-size", "4", "--checkpoint-every", "2",
                      "--prediction", "v", "--lr-schedule", "cosine", "--loss-weighting", "truncated_snr",
-                     "--position-channels", "on"])
+                     "--position-channels", "on", "--full-resolution-only"])
     assert code == 0, capsys.readouterr().err
     loaded, before = _fresh(out), _fresh(tiny_model_dir)
     assert loaded.config.structure_unet.prediction == "v" and loaded.config.structure_unet.position_channels
@@ -209,6 +209,8 @@ def test_cli_prediction_v_and_position_channels_start_a_fresh_unet_and_keep_the_
     info = json.loads((latest_checkpoint(tmp_path / "v-structure.run") / "trainer.json").read_text())
     assert info["prediction"] == "v" and info["config"]["optim"]["schedule"] == "cosine"
     assert info["config"]["loss_weighting"] == "truncated_snr"
+    # --full-resolution-only: the structure trainer leaves the low-resolution rows out (it uses all by default).
+    assert info["config"]["use_low_resolution"] is False and info["rows_used"] < info["rows_total"] == len(table)
 
 
 def test_cli_errors_are_clear(tiny_model_dir, tmp_path, capsys):
