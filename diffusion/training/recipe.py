@@ -78,8 +78,6 @@ class TinyModelRecipe(BaseModel):
     )
     # What the structure generator predicts (the texture generator predicts epsilon).
     structure_prediction: Literal["epsilon", "v"] = "epsilon"
-    # Whether the structure generator reads each latent pixel's position (`UNetConfig.position_channels`).
-    structure_position_channels: bool = False
     model_channels: int = 32
     model_seed: int = 0
 
@@ -93,7 +91,6 @@ def _describe(recipe: TinyModelRecipe) -> str:
         f"{recipe.data.num_images} synthetic images (diffusion.synthetic: {len(synthetic.SHAPES)} shapes, "
         f"{len(synthetic.COLOURS)} colours, {len(synthetic.PATTERNS)} fill patterns, coloured backgrounds) at 64x64 "
         f"and 80x48/48x80. {encoders}Structure generator t>=500 ({recipe.structure_prediction}-prediction, "
-        f"{'reading each latent pixel position, ' if recipe.structure_position_channels else ''}"
         f"{recipe.structure.steps} steps x {recipe.structure.batch_size}, all images incl. upsampled low-resolution ones), "
         f"texture generator t<500 ({recipe.texture.steps} steps x {recipe.texture.batch_size} 32x32-pixel crops). "
         f"Reproduce with `pangudraw train tiny`."
@@ -170,8 +167,7 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
 
     config = shipped_tiny_config(model_channels=recipe.model_channels)
     config = config.model_copy(update={"structure_unet": config.structure_unet.model_copy(
-        update={"prediction": recipe.structure_prediction,
-                "position_channels": recipe.structure_position_channels})})
+        update={"prediction": recipe.structure_prediction})})
     tok_dir = work / "tokenizers"
     toks = build_tokenizers(tok_dir, tokenizer_corpus(), config)
 
