@@ -101,6 +101,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             s.add_argument("--scale-shift-norm", default=None, choices=["on", "off"],
                            help="ResBlocks take a scale and shift from the time/label embedding (FiLM); another "
                                 "setting than the base model's starts a fresh UNet")
+            s.add_argument("--unet", action="append", default=[], metavar="FIELD=VALUE",
+                           help="a layout setting of the trained generator's UNet (" + ", ".join(UNET_LAYOUT_FIELDS)
+                                + "; VALUE as JSON, e.g. model_channels=64 or channel_mult=[1,2]); may be repeated; "
+                                  "another value than the base model's starts a fresh UNet, the other generator "
+                                  "is kept")
             s.add_argument("--loss-weighting", default="epsilon", choices=["epsilon", "truncated_snr"],
                            help="per-sample weights of the loss (truncated_snr: max(1, 1/SNR))")
             s.add_argument("--full-resolution-only", action="store_true",
@@ -108,6 +113,39 @@ def register(sub: argparse._SubParsersAction) -> None:
             s.add_argument("--freeze-text", action="store_true",
                            help="keep the text encoders fixed (default: structure and monolithic train them)")
         s.set_defaults(func=run_stage, stage=name)
+
+
+# UNetConfig fields that `--unet` may set: the layout, not the widths tied to the VAE and the text encoders.
+UNET_LAYOUT_FIELDS = ("model_channels", "channel_mult", "num_res_blocks", "transformer_depth",
+                      "transformer_depth_middle", "num_head_channels", "norm_groups")
+
+
+def _unet_settings(items: list[str], current) -> dict:
+    """`--unet FIELD=VALUE` items as UNetConfig updates, checked against the config they would make."""
+    from pydantic import ValidationError
+
+    changes = {}
+    for item in items:
+        field, sep, text = item.partition("=")
+        field = field.strip()
+        if not sep or not text.strip():
+            raise UserError(f"--unet {item!r}: expected FIELD=VALUE, for example model_channels=64")
+        if field not in UNET_LAYOUT_FIELDS:
+            raise UserError(f"--unet {item!r}: {field!r} is not a layout setting; expected one of "
+                            + ", ".join(UNET_LAYOUT_FIELDS))
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise UserError(f"--unet {item!r}: the value {text!r} is not JSON (a number, or a list such as [1,2])") from None
+        changes[field] = value
+    if changes:
+        try:
+            checked = type(current).model_validate({**current.model_dump(), **changes})
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'layout'}: {e['msg']}" for e in exc.errors())
+            raise UserError(f"--unet {' '.join(items)}: not a valid UNet layout ({problems})") from None
+        changes = {k: getattr(checked, k) for k in changes}
+    return changes
 
 
 def _read_training_data(uris: list[str]):
@@ -247,6 +285,7 @@ def run_stage(args: argparse.Namespace) -> int:
             if getattr(args, flag) is not None:
                 changes[flag] = getattr(args, flag) == "on"
         current = getattr(base_config, trained)
+        changes.update(_unet_settings(args.unet, current))
         changed = any(getattr(current, k) != v for k, v in changes.items())
         if args.width is not None or wants_monolithic != base_config.monolithic:
             unet = base_config.structure_unet
