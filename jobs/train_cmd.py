@@ -115,6 +115,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         s.set_defaults(func=run_stage, stage=name)
 
 
+def _changed_model_config(args: argparse.Namespace, base_config):
+    """The model config `train unet` trains, when its flags change a UNet's layout (a fresh UNet); else None."""
+    model_config = None
+    wants_monolithic = args.mode == "monolithic"
+    trained = "texture_unet" if args.mode == "texture" else "structure_unet"
+    # Settings that make a fresh UNet when they differ from the base model's.
+    changes = {}
+    if args.prediction is not None:
+        changes["prediction"] = args.prediction
+    for flag in ("position_channels", "scale_shift_norm"):
+        if getattr(args, flag) is not None:
+            changes[flag] = getattr(args, flag) == "on"
+    current = getattr(base_config, trained)
+    changes.update(_unet_settings(args.unet, current))
+    changed = any(getattr(current, k) != v for k, v in changes.items())
+    if args.width is not None or wants_monolithic != base_config.monolithic:
+        unet = base_config.structure_unet
+        if args.width is not None:
+            unet = unet.model_copy(update={"model_channels": args.width})
+        unet = unet.model_copy(update=changes)
+        model_config = base_config.model_copy(update={
+            "structure_unet": unet, "texture_unet": unet, "monolithic": wants_monolithic})
+    elif changed:
+        # A fresh UNet of the new settings; the other generator and everything else stay as they are.
+        model_config = base_config.model_copy(update={trained: current.model_copy(update=changes)})
+    return model_config
+
+
 # UNetConfig fields that `--unet` may set: the layout, not the widths tied to the VAE and the text encoders.
 UNET_LAYOUT_FIELDS = ("model_channels", "channel_mult", "num_res_blocks", "transformer_depth",
                       "transformer_depth_middle", "num_head_channels", "norm_groups")
@@ -255,6 +283,9 @@ def run_stage(args: argparse.Namespace) -> int:
         raise UserError("--ema-decay must be in [0, 1)")
     model_dir = Path(args.model)
     base = read_model_manifest(model_dir)
+    # The UNet settings are checked before the data are read, so a mistake there costs nothing.
+    model_config = _changed_model_config(args, ModelConfig.model_validate(base["config"])) \
+        if args.stage == "unet" else None
     data = _read_training_data(args.data)
     run_dir = Path(args.run_dir) if args.run_dir else Path(str(args.out).rstrip("/") + ".run")
     common = dict(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
@@ -273,30 +304,6 @@ def run_stage(args: argparse.Namespace) -> int:
                                       loss_weighting=args.loss_weighting,
                                       train_text_encoders=False if args.freeze_text else None,
                                       use_low_resolution=False if args.full_resolution_only else None, **common)
-        model_config = None
-        base_config = ModelConfig.model_validate(base["config"])
-        wants_monolithic = args.mode == "monolithic"
-        trained = "texture_unet" if args.mode == "texture" else "structure_unet"
-        # Settings that make a fresh UNet when they differ from the base model's.
-        changes = {}
-        if args.prediction is not None:
-            changes["prediction"] = args.prediction
-        for flag in ("position_channels", "scale_shift_norm"):
-            if getattr(args, flag) is not None:
-                changes[flag] = getattr(args, flag) == "on"
-        current = getattr(base_config, trained)
-        changes.update(_unet_settings(args.unet, current))
-        changed = any(getattr(current, k) != v for k, v in changes.items())
-        if args.width is not None or wants_monolithic != base_config.monolithic:
-            unet = base_config.structure_unet
-            if args.width is not None:
-                unet = unet.model_copy(update={"model_channels": args.width})
-            unet = unet.model_copy(update=changes)
-            model_config = base_config.model_copy(update={
-                "structure_unet": unet, "texture_unet": unet, "monolithic": wants_monolithic})
-        elif changed:
-            # A fresh UNet of the new settings; the other generator and everything else stay as they are.
-            model_config = base_config.model_copy(update={trained: current.model_copy(update=changes)})
         report = train_diffusion_stage(model_dir, data, config, run_dir, args.out, model_config=model_config,
                                        seed=args.seed)
     (Path(args.out) / "training.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

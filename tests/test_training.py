@@ -12,7 +12,7 @@ import pytest
 
 from diffusion import runtime, synthetic
 from diffusion.config import tiny_config
-from diffusion.model import PanGuDraw
+from diffusion.model import GenerationRequest, PanGuDraw
 from diffusion.schedule import x0_from_output
 from diffusion.tiny import build_random_model
 from diffusion.training import (
@@ -211,6 +211,49 @@ def test_cli_prediction_v_and_position_channels_start_a_fresh_unet_and_keep_the_
     assert info["config"]["loss_weighting"] == "truncated_snr"
     # --full-resolution-only: the structure trainer leaves the low-resolution rows out (it uses all by default).
     assert info["config"]["use_low_resolution"] is False and info["rows_used"] < info["rows_total"] == len(table)
+
+
+def test_cli_unet_layout_starts_a_fresh_generator_of_that_layout_and_keeps_the_other(tiny_model_dir, table, tmp_path,
+                                                                                     capsys):
+    """`--unet FIELD=VALUE` gives the trained generator another layout (here the texture generator twice as wide,
+    with two blocks per level); the structure generator and its weights stay, and the model still generates."""
+    data_path = tmp_path / "data.parquet"
+    pq.write_table(table, data_path)
+    before = _fresh(tiny_model_dir)
+    width = before.config.texture_unet.model_channels * 2
+    out = tmp_path / "wide-texture"
+    code = cli.main(["train", "unet", "--mode", "texture", "--data", str(data_path), "--model", str(tiny_model_dir),
+                     "--out", str(out), "--steps", "2", "--batch-size", "4", "--checkpoint-every", "2",
+                     "--unet", f"model_channels={width}", "--unet", "num_res_blocks=2"])
+    assert code == 0, capsys.readouterr().err
+    loaded = _fresh(out)
+    tex = loaded.config.texture_unet
+    assert (tex.model_channels, tex.num_res_blocks) == (width, 2)
+    assert tex.model_copy(update={"model_channels": before.config.texture_unet.model_channels,
+                                  "num_res_blocks": before.config.texture_unet.num_res_blocks}) == before.config.texture_unet
+    params = dict(loaded.nets["texture_unet"].parameters_and_names())
+    assert tuple(params["input_blocks.0.0.weight"].shape)[0] == width
+    assert "input_blocks.2.0.in_layers.0.gamma" in params  # the second ResBlock of level 0
+    assert loaded.config.structure_unet == before.config.structure_unet
+    old = {n: p.asnumpy() for n, p in before.nets["structure_unet"].parameters_and_names()}
+    assert all(np.array_equal(p.asnumpy(), old[n]) for n, p in loaded.nets["structure_unet"].parameters_and_names())
+    image, = loaded.generate([GenerationRequest(prompt="a red circle on a blue background", seed=3, width=64,
+                                                height=64, steps=4)])
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and image.std() > 0
+
+    # Mistakes name the flag, the field and what was expected, before any training.
+    for item, words in (("model_chanels=64", ["'model_chanels' is not a layout setting", "model_channels"]),
+                        ("context_dim=8", ["'context_dim' is not a layout setting"]),
+                        ("model_channels", ["expected FIELD=VALUE"]),
+                        ("channel_mult=(1,2)", ["is not JSON"]),
+                        ("channel_mult=[1,2,2]", ["not a valid UNet layout", "transformer_depth"]),
+                        (f"model_channels={width + 1}", ["not a valid UNet layout", "norm_groups"])):
+        code = cli.main(["train", "unet", "--mode", "texture", "--data", str(data_path), "--model",
+                         str(tiny_model_dir), "--out", str(tmp_path / "bad"), "--unet", item])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and f"--unet" in err, (item, err)
+        assert all(w in err for w in words), (item, err)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_errors_are_clear(tiny_model_dir, tmp_path, capsys):
