@@ -273,19 +273,23 @@ def resize_images(images: Sequence[np.ndarray], size: tuple[int, int]) -> list[n
     return list(np.rint(np.clip((px + 1.0) / 2.0, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(0, 2, 3, 1))
 
 
-def real_images_for(prompts: Sequence[synthetic.EvalPrompt], seed: int = 4242) -> list[np.ndarray]:
-    """A real synthetic image of each prompt's attributes and bucket (random size and position), for the FD."""
+def real_scenes_for(prompts: Sequence[synthetic.EvalPrompt], seed: int = 4242) -> list[synthetic.Scene]:
+    """A scene of each prompt's attributes and bucket at a random size and position (`real_images_for`)."""
     from diffusion import buckets
 
     out = []
     for i, p in enumerate(prompts):
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, i])))
         w, h = buckets.bucket_sizes(0.125)[p.aspect_bucket]
-        scene = synthetic.Scene(p.shape, p.colour, p.background, p.pattern,
-                                list(synthetic.SIZES)[rng.integers(3)], list(synthetic.POSITIONS)[rng.integers(5)],
-                                w, h, p.aspect_bucket, False, *rng.uniform(-0.06, 0.06, 2), *rng.random(2))
-        out.append(synthetic.render(scene))
+        out.append(synthetic.Scene(p.shape, p.colour, p.background, p.pattern,
+                                   list(synthetic.SIZES)[rng.integers(3)], list(synthetic.POSITIONS)[rng.integers(5)],
+                                   w, h, p.aspect_bucket, False, *rng.uniform(-0.06, 0.06, 2), *rng.random(2)))
     return out
+
+
+def real_images_for(prompts: Sequence[synthetic.EvalPrompt], seed: int = 4242) -> list[np.ndarray]:
+    """A real synthetic image of each prompt's attributes and bucket (random size and position), for the FD."""
+    return [synthetic.render(scene) for scene in real_scenes_for(prompts, seed)]
 
 
 def evaluate_model(model, classifier: Classifier, prompts: Sequence[synthetic.EvalPrompt], *, steps: int = 40,

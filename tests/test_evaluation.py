@@ -93,3 +93,15 @@ def test_layout_measures_read_a_shape_back_from_pixels():
     assert thumbnail_correlation(img, np.full_like(img, 7)) == 0.0
     up = resize_images([sketch[::2, ::2]], (64, 64))[0]
     assert up.shape == (64, 64, 3) and mask_iou(foreground_mask(up), mask) > 0.8
+
+
+def test_real_scenes_carry_the_prompt_and_are_what_real_images_render():
+    prompts = synthetic.evaluation_prompts(6)
+    scenes = E.real_scenes_for(prompts, seed=7)
+    assert [(s.shape, s.colour, s.background, s.pattern, s.bucket) for s in scenes] == [
+        (p.shape, p.colour, p.background, p.pattern, p.aspect_bucket) for p in prompts]
+    images = E.real_images_for(prompts, seed=7)
+    assert all(np.array_equal(im, synthetic.render(s)) for im, s in zip(images, scenes))
+    assert all(np.array_equal(a, b) for a, b in zip(images, E.real_images_for(prompts, seed=7)))
+    others = E.real_scenes_for(prompts, seed=8)
+    assert any((a.size, a.position, a.jitter_x) != (b.size, b.position, b.jitter_x) for a, b in zip(scenes, others))
