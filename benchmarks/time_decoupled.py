@@ -10,6 +10,10 @@ Every arm starts from the same trained VAE, tokenizers and untrained text encode
   monolithic_2x   the same with twice the UNet width (the inference-side comparison: one big model against two
                   small ones at the same sampling steps)
 
+With --base MODEL (for example the shipped tiny model) every arm instead takes that model's VAE, tokenizers and
+trained text encoders, keeps the encoders frozen, and trains fresh UNets only: the arms then differ in nothing but
+their UNets, and a frozen-text step costs about half as much, so the same hour buys each arm more UNet training.
+
 Training compute is counted as the UNet's latent pixels processed: images x latent pixels x optimizer steps. The
 decoupled arm's count sets the budget; each monolithic arm gets round(budget / (batch x latent pixels)) steps.
 Each trained model is evaluated with the attribute classifier on held-out prompts (English, Chinese, mixed; two
@@ -50,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="work/pangu-draw-tiny", help="work directory of `pangudraw train tiny`")
     parser.add_argument("--runs", default=None, help="where the arms train (default: WORK/time_decoupled)")
+    parser.add_argument("--base", default=None,
+                        help="model directory whose VAE, tokenizers and text encoders every arm takes, the encoders "
+                             "frozen (default: WORK/models/vae, encoders untrained and learning)")
+    parser.add_argument("--data", default=None, help="training Parquet (default: WORK/data/synthetic.parquet)")
     parser.add_argument("--structure-steps", type=int, default=400)
     parser.add_argument("--texture-steps", type=int, default=240)
     parser.add_argument("--batch", type=int, default=16)
@@ -72,15 +80,24 @@ def main(argv: list[str] | None = None) -> int:
 
     runtime.configure("cpu")
     work = Path(args.work)
-    base = work / "models" / "vae"
-    data_path = work / "data" / "synthetic.parquet"
-    if not (base / "model.json").is_file() or not data_path.is_file():
-        parser.error(f"{work} has no trained VAE stage; run `pangudraw train tiny --work {work}` first")
+    base = Path(args.base) if args.base else work / "models" / "vae"
+    data_path = Path(args.data) if args.data else work / "data" / "synthetic.parquet"
+    if not (base / "model.json").is_file():
+        parser.error(f"{base} is not a model directory" if args.base else
+                     f"{work} has no trained VAE stage; run `pangudraw train tiny --work {work}` first")
+    if not data_path.is_file():
+        parser.error(f"no training data at {data_path} (`pangudraw train data --out {data_path}` makes it)")
     runs = Path(args.runs) if args.runs else work / "time_decoupled"
+    frozen_text = args.base is not None
     data = load_synthetic(data_path)
     base_config = ModelConfig.model_validate(read_model_manifest(base)["config"])
     optim = OptimConfig(learning_rate=args.lr, warmup_steps=50)
     common = dict(batch_size=args.batch, checkpoint_every=100, log_every=50, optim=optim)
+    if frozen_text:
+        common["train_text_encoders"] = False
+    # With a trained base, each generator starts fresh (a model config given to the stage makes a new UNet); the
+    # texture stage keeps the structure generator just trained, since its config is unchanged.
+    fresh = base_config.model_copy(update={"name": "tiny-decoupled"}) if frozen_text else None
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     report: dict = {
         "benchmark": "time_decoupled", "host": platform.node(), "cpus": os.cpu_count(),
@@ -97,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return result
 
     # The decoupled arm sets the compute budget.
-    s = stage("structure", DiffusionTrainConfig(mode="structure", steps=args.structure_steps, **common), base)
+    s = stage("structure", DiffusionTrainConfig(mode="structure", steps=args.structure_steps, **common), base,
+              model_config=fresh)
     t = stage("decoupled", DiffusionTrainConfig(mode="texture", steps=args.texture_steps, crop_latent=8, **common),
-              runs / "structure")
+              runs / "structure", model_config=fresh)
     report["arms"]["decoupled"] = {**_arm_report([s, t]), "model": str(runs / "decoupled"),
                                    "data_fraction_used": {"structure": s["data"]["fraction_used"],
                                                           "texture": t["data"]["fraction_used"]}}
@@ -120,8 +138,11 @@ def main(argv: list[str] | None = None) -> int:
 
     classifier = evaluation.Classifier.load()
     prompts = synthetic.evaluation_prompts(args.prompts)
+    # The evaluated models are timed too: loading them again compiles every graph a second time, and with three arms
+    # that took this 24 GB machine out of memory.
+    models: dict[str, PanGuDraw] = {}
     for arm, entry in report["arms"].items():
-        model = PanGuDraw.load(entry["model"])
+        model = models[arm] = PanGuDraw.load(entry["model"])
         n_params = sum(p.size for p in model.nets["structure_unet"].get_parameters())
         if not model.config.monolithic:
             n_params += sum(p.size for p in model.nets["texture_unet"].get_parameters())
@@ -135,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     from diffusion.model import GenerationRequest
 
     timing_prompts = synthetic.evaluation_prompts(args.timing_images, aspect_buckets=(5,))
-    models = {arm: PanGuDraw.load(entry["model"]) for arm, entry in report["arms"].items()}
     requests = [GenerationRequest(prompt=p.prompt, seed=p.seed, width=64, height=64, steps=args.sample_steps)
                 for p in timing_prompts]
     for model in models.values():
