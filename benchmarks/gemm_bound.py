@@ -42,7 +42,7 @@ torch.set_num_threads(int(sys.argv[1])); repeats = int(sys.argv[2]); products = 
 rng = np.random.default_rng(0)
 out = []
 for kind, a_shape, b_shape in products:
-    # The activation operand is shared (hot in cache, as in a forward), the weight operand differs.
+    # As on the MindSpore side: a dense layer's weight, or a matmul's left operand, differs ten times.
     if kind == "dense":
         a = torch.from_numpy(rng.standard_normal(a_shape, dtype=np.float32))
         ws = [torch.from_numpy(rng.standard_normal(b_shape, dtype=np.float32)) for _ in range(10)]
@@ -111,8 +111,9 @@ def mindspore_seconds(products: list[tuple[str, tuple, tuple]], repeats: int) ->
 
     transposed = ops.MatMul(transpose_b=True)
 
-    # The activation operand is shared (hot in cache, as in a forward); the ten weight operands differ, so that
-    # graph mode cannot merge the products: matmul's left operand (weights, im2col), dense's right one.
+    # One operand is shared (hot in cache, as in a forward) and the other differs ten times, so that graph mode
+    # cannot merge the products: a dense layer's weight, and a matmul's left operand (the weight of an im2col
+    # convolution; in attention and the GroupNorm sums, where both sides are activations, the left one).
     def ten_matmuls(b, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9):
         return tuple(ops.matmul(a, b) for a in (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9))
 
