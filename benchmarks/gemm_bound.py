@@ -6,9 +6,8 @@ This script records every matrix product of one eager forward at batch 2 (operan
 `ops.matmul` and `nn.Dense`), then times each distinct product alone, in one run and with the same threads:
   - in MindSpore graph mode (as our forward calls it: `ops.matmul` broadcasting, `nn.Dense`'s transposed weight),
   - in PyTorch (in the torch venv of unet_speed.py; `torch.matmul` and `F.linear`),
-ten products per timed call that share the activation operand and differ in the weight (graph mode merges
-identical products), median of --repeats, and
-sums count x time. The MindSpore sum is what the matrix products of our forward cost with MindSpore's CPU kernels,
+ten products per timed call that share one operand and differ in the other (graph mode merges identical
+products), median of --repeats, and sums count x time. The MindSpore sum is what the matrix products of our forward cost with MindSpore's CPU kernels,
 before any other kernel or launch: a lower bound on our forward with these kernels. It also times the whole forward
 in both (our graph-mode UNet, diffusers), and reports the speed goal of the model-core issue (our forward at most
 torch's / 1.2) against that bound. JSON out. Run it on a quiet machine.
