@@ -42,6 +42,11 @@ class UNetConfig(_Frozen):
     # ResBlocks take a scale and a shift of their second norm's output from the time/label embedding (FiLM, as in
     # the improved-DDPM and ADM UNets) instead of adding it (False: the SDXL layout). Doubles each `emb_layers`.
     scale_shift_norm: bool = False
+    # Latent pixels per side folded into one position before the first convolution (space-to-depth) and unfolded
+    # after the last (depth-to-space), so every level works at 1/patch_size of the latent's side (1: the SDXL
+    # layout). For a generator of high-noise steps only, whose output has no detail finer than a few latent
+    # pixels; docs/training.md measures it on the tiny structure generator.
+    patch_size: int = Field(1, ge=1, le=4)
 
     @model_validator(mode="after")
     def _check(self) -> "UNetConfig":
@@ -60,7 +65,7 @@ class UNetConfig(_Frozen):
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
+        return self.patch_size * 2 ** (len(self.channel_mult) - 1)
 
 
 class VAEConfig(_Frozen):

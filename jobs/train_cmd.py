@@ -145,7 +145,7 @@ def _changed_model_config(args: argparse.Namespace, base_config):
 
 # UNetConfig fields that `--unet` may set: the layout, not the widths tied to the VAE and the text encoders.
 UNET_LAYOUT_FIELDS = ("model_channels", "channel_mult", "num_res_blocks", "transformer_depth",
-                      "transformer_depth_middle", "num_head_channels", "norm_groups")
+                      "transformer_depth_middle", "num_head_channels", "norm_groups", "patch_size")
 
 
 def _unet_settings(items: list[str], current) -> dict:

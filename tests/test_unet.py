@@ -11,7 +11,7 @@ from mindspore.nn.utils import no_init_parameters
 
 from diffusion.config import BENCH_SMALL_UNET, PANGU_DRAW_V3, tiny_config
 from diffusion.nets import layers
-from diffusion.nets.unet import ResBlock, UNet, count_parameters, position_grid
+from diffusion.nets.unet import ResBlock, UNet, count_parameters, depth_to_space, position_grid, space_to_depth
 
 # The shared reference folder sits beside the repository checkout.
 REFERENCE_KEYS = Path(__file__).resolve().parents[2] / "shared/reference/sdxl_base_mindspore_keys.txt"
@@ -155,6 +155,33 @@ def test_position_channels_are_the_pixels_places_fed_after_the_latents():
     np.testing.assert_allclose(out, run(by_hand, fed, t, context, y), rtol=1e-5, atol=1e-5)
     # The grid channels carry weight: without them the output changes.
     assert np.abs(run(by_hand, np.concatenate([x, np.zeros_like(fed[:, 4:])], axis=1), t, context, y) - out).max() > 1e-3
+
+
+def test_patch_size_folds_each_block_of_latent_pixels_into_channels_and_back():
+    x = np.arange(2 * 3 * 4 * 6, dtype=np.float32).reshape(2, 3, 4, 6)
+    folded = space_to_depth(ms.Tensor(x), 2).asnumpy()
+    assert folded.shape == (2, 12, 2, 3)
+    # Channel c*4 + i*2 + j at (u, v) is pixel (2u + i, 2v + j) of channel c.
+    for c, i, j, u, v in [(0, 0, 0, 0, 0), (1, 1, 0, 1, 2), (2, 1, 1, 0, 1), (2, 0, 1, 1, 0)]:
+        assert folded[1, c * 4 + i * 2 + j, u, v] == x[1, c, 2 * u + i, 2 * v + j]
+    np.testing.assert_array_equal(depth_to_space(ms.Tensor(folded), 2).asnumpy(), x)
+    # A patch-2 UNet equals a UNet of 16 input and output channels fed the folded latents by hand, unfolded after.
+    cfg = TINY.model_copy(update={"patch_size": 2})
+    assert cfg.downsample_factor == 2 * TINY.downsample_factor
+    patched = UNet(cfg)
+    by_hand = UNet(TINY.model_copy(update={"in_channels": 16, "out_channels": 16}))
+    randomize(patched, seed=3)
+    weights = dict(patched.parameters_and_names())
+    assert tuple(weights["input_blocks.0.0.weight"].shape)[1] == 16 and tuple(weights["out.2.weight"].shape)[0] == 16
+    for name, p in by_hand.parameters_and_names():
+        p.set_data(weights[name].data.copy())
+    x, t, context, y = tiny_inputs(2, seed=4, side=8)
+    x = np.concatenate([x, x[:, :, :4]], axis=2)  # 12x8: not square
+    out = run(ms.jit(patched.construct), x, t, context, y)
+    assert out.shape == x.shape
+    folded = space_to_depth(ms.Tensor(x), 2).asnumpy()
+    expected = depth_to_space(ms.Tensor(run(by_hand, folded, t, context, y)), 2).asnumpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_scale_shift_norm_scales_and_shifts_the_second_norm_by_the_embedding():

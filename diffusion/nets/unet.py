@@ -169,6 +169,22 @@ def position_grid(x):
     return ops.broadcast_to(grid.expand_dims(0), (b, 2, height, width))
 
 
+def space_to_depth(x, p: int):
+    """(B, C, H, W) -> (B, C*p*p, H/p, W/p): each p x p block of pixels becomes one position; channel c*p*p + i*p + j
+    holds the block's pixel (i, j) of channel c."""
+    b, c, height, width = x.shape
+    x = x.reshape(b, c, height // p, p, width // p, p)
+    return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, c * p * p, height // p, width // p)
+
+
+def depth_to_space(x, p: int):
+    """The inverse of `space_to_depth`."""
+    b, cpp, h, w = x.shape
+    c = cpp // (p * p)
+    x = x.reshape(b, c, p, p, h, w)
+    return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, c, h * p, w * p)
+
+
 class UNet(nn.Cell):
     """eps = UNet(x, timesteps, context, y) for latents x (B, C, h, w), DDPM timesteps (B,), text context, label y."""
 
@@ -192,7 +208,9 @@ class UNet(nn.Cell):
             return SpatialTransformer(ch, heads, cfg.num_head_channels, depth, cfg.context_dim, groups, dtype)
 
         self.position_channels = cfg.position_channels
-        input_blocks = [nn.CellList([InputConv(cfg.in_channels + (2 if cfg.position_channels else 0), mc, dtype)])]
+        self.patch_size = cfg.patch_size
+        folded_in = (cfg.in_channels + (2 if cfg.position_channels else 0)) * cfg.patch_size ** 2
+        input_blocks = [nn.CellList([InputConv(folded_in, mc, dtype)])]
         skip_channels = [mc]
         ch = mc
         last_level = len(cfg.channel_mult) - 1
@@ -229,7 +247,8 @@ class UNet(nn.Cell):
         self.output_blocks = nn.CellList(output_blocks)
 
         self.out = nn.SequentialCell([
-            GroupNorm32(groups, ch, RESBLOCK_NORM_EPS, dtype), nn.SiLU(), _conv3x3(ch, cfg.out_channels, dtype=dtype),
+            GroupNorm32(groups, ch, RESBLOCK_NORM_EPS, dtype), nn.SiLU(),
+            _conv3x3(ch, cfg.out_channels * cfg.patch_size ** 2, dtype=dtype),
         ])
 
     def construct(self, x, timesteps, context, y):
@@ -239,6 +258,8 @@ class UNet(nn.Cell):
         h = x.astype(self.compute_dtype)
         if self.position_channels:
             h = ops.concat((h, position_grid(h)), axis=1)
+        if self.patch_size > 1:
+            h = space_to_depth(h, self.patch_size)
         skips = []
         for block in self.input_blocks:
             for layer in block:
@@ -253,7 +274,10 @@ class UNet(nn.Cell):
             skip_index = skip_index - 1
             for layer in block:
                 h = layer(h, emb, context)
-        return self.out(h).astype(x.dtype)
+        out = self.out(h)
+        if self.patch_size > 1:
+            out = depth_to_space(out, self.patch_size)
+        return out.astype(x.dtype)
 
 
 def count_parameters(cell: nn.Cell) -> int:
