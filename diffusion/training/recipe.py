@@ -21,9 +21,9 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from diffusion import synthetic
 from diffusion.config import ModelConfig, tiny_config
@@ -78,19 +78,36 @@ class TinyModelRecipe(BaseModel):
     )
     # What the structure generator predicts (the texture generator predicts epsilon).
     structure_prediction: Literal["epsilon", "v"] = "epsilon"
+    # Layout settings of the structure generator's UNet over the shipped ones (`UNetConfig` fields, as
+    # `pangudraw train unet --unet FIELD=VALUE` takes them), e.g. {"patch_size": 2, "model_channels": 64}.
+    structure_unet: dict[str, Any] = {}
+    # Without a text stage: which generator's loss trains the two text encoders ("structure": the structure
+    # generator, trained first; "texture": the texture generator, trained first, then the structure generator
+    # with the encoders frozen, the cheaper step).
+    text_learns_in: Literal["structure", "texture"] = "structure"
     model_channels: int = 32
     model_seed: int = 0
+
+    @field_validator("structure_unet")
+    @classmethod
+    def _layout(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from diffusion.config import UNetConfig
+
+        base = shipped_tiny_config().structure_unet
+        UNetConfig.model_validate({**base.model_dump(), **value})
+        return value
 
 
 def _describe(recipe: TinyModelRecipe) -> str:
     encoders = (f"Text encoders pre-trained contrastively against the images ({recipe.text.steps} steps x "
                 f"{recipe.text.batch_size}), then frozen. " if recipe.text else "Text encoders trained with the "
-                f"structure generator. ")
+                f"{recipe.text_learns_in} generator. ")
+    layout = "".join(f", {k} {v}" for k, v in sorted(recipe.structure_unet.items()))
     return (
         f"{SHIPPED_NAME}: a tiny bilingual (English/Chinese/mixed) PanGu-Draw trained from scratch on "
         f"{recipe.data.num_images} synthetic images (diffusion.synthetic: {len(synthetic.SHAPES)} shapes, "
         f"{len(synthetic.COLOURS)} colours, {len(synthetic.PATTERNS)} fill patterns, coloured backgrounds) at 64x64 "
-        f"and 80x48/48x80. {encoders}Structure generator t>=500 ({recipe.structure_prediction}-prediction, "
+        f"and 80x48/48x80. {encoders}Structure generator t>=500 ({recipe.structure_prediction}-prediction{layout}, "
         f"{recipe.structure.steps} steps x {recipe.structure.batch_size}, all images incl. upsampled low-resolution ones), "
         f"texture generator t<500 ({recipe.texture.steps} steps x {recipe.texture.batch_size} 32x32-pixel crops). "
         f"Reproduce with `pangudraw train tiny`."
@@ -166,8 +183,9 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
     data = load_synthetic(data_path)
 
     config = shipped_tiny_config(model_channels=recipe.model_channels)
-    config = config.model_copy(update={"structure_unet": config.structure_unet.model_copy(
-        update={"prediction": recipe.structure_prediction})})
+    structure_unet = type(config.structure_unet).model_validate(
+        {**config.structure_unet.model_dump(), **recipe.structure_unet, "prediction": recipe.structure_prediction})
+    config = config.model_copy(update={"structure_unet": structure_unet})
     tok_dir = work / "tokenizers"
     toks = build_tokenizers(tok_dir, tokenizer_corpus(), config)
 
@@ -187,7 +205,16 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
         save_report()
         log.info("VAE done: scale factor %.5g, reconstruction PSNR %.2f dB", scale, psnr)
 
-    if recipe.text is None:
+    if recipe.text is None and recipe.text_learns_in == "texture":
+        # The texture generator trains both text encoders, then the structure generator reads them frozen.
+        texture_dir = work / "models" / "texture"
+        learning = recipe.texture.model_copy(update={"train_text_encoders": True})
+        frozen = recipe.structure.model_copy(update={"train_text_encoders": False})
+        _diffusion_stage(report, "texture", vae_dir, texture_dir, data, learning, work, save_report,
+                         f"{SHIPPED_NAME} after texture training (structure UNet untrained)", trained=False)
+        _diffusion_stage(report, "structure", texture_dir, out_dir, data, frozen, work, save_report,
+                         _describe(recipe), trained=True)
+    elif recipe.text is None:
         # The earlier recipe: the structure generator trains both text encoders, then the texture generator.
         structure_dir = work / "models" / "structure"
         _diffusion_stage(report, "structure", vae_dir, structure_dir, data, recipe.structure, work, save_report,
