@@ -15,6 +15,12 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# UNetConfig fields that set a UNet's layout (`pangudraw train unet --unet`, `TinyModelRecipe.structure_unet`): not
+# the widths tied to the VAE and the text encoders, nor what the network predicts.
+UNET_LAYOUT_FIELDS = ("model_channels", "channel_mult", "num_res_blocks", "transformer_depth",
+                      "transformer_depth_middle", "num_head_channels", "norm_groups", "patch_size")
+
+
 class UNetConfig(_Frozen):
     """SDXL/PanGu-layout UNet (sgm `openaimodel.UNetModel`, non-legacy, linear transformer projections)."""
 
@@ -156,7 +162,8 @@ class ModelConfig(_Frozen):
     @property
     def latent_factor(self) -> int:
         """Pixels per latent cell times the UNet's own downsampling: bucket sides must be multiples of it."""
-        return self.vae.downsample_factor * self.structure_unet.downsample_factor
+        return self.vae.downsample_factor * max(self.structure_unet.downsample_factor,
+                                                self.texture_unet.downsample_factor)
 
 
 # ---------------------------------------------------------------- presets

@@ -17,6 +17,7 @@ import logging
 import time
 from pathlib import Path
 
+from diffusion.config import UNET_LAYOUT_FIELDS
 from schemas.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -141,11 +142,6 @@ def _changed_model_config(args: argparse.Namespace, base_config):
         # A fresh UNet of the new settings; the other generator and everything else stay as they are.
         model_config = base_config.model_copy(update={trained: current.model_copy(update=changes)})
     return model_config
-
-
-# UNetConfig fields that `--unet` may set: the layout, not the widths tied to the VAE and the text encoders.
-UNET_LAYOUT_FIELDS = ("model_channels", "channel_mult", "num_res_blocks", "transformer_depth",
-                      "transformer_depth_middle", "num_head_channels", "norm_groups", "patch_size")
 
 
 def _unet_settings(items: list[str], current) -> dict:

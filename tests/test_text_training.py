@@ -175,6 +175,8 @@ def test_the_recipe_can_train_the_text_encoders_with_the_texture_generator_and_a
         "structure_unet": {"patch_size": 2}, "text_learns_in": "texture"})
     with pytest.raises(ValueError, match="patch_size"):
         TinyModelRecipe(structure_unet={"patch_size": 0})
+    with pytest.raises(ValueError, match="context_dim: not a layout setting"):
+        TinyModelRecipe(structure_unet={"context_dim": 32})
     work, out = tmp_path / "work", tmp_path / "out"
     report = build_tiny_model(out, work, recipe)
     assert list(report["stages"]) == ["data", "vae", "texture", "structure"]

@@ -91,8 +91,11 @@ class TinyModelRecipe(BaseModel):
     @field_validator("structure_unet")
     @classmethod
     def _layout(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from diffusion.config import UNetConfig
+        from diffusion.config import UNET_LAYOUT_FIELDS, UNetConfig
 
+        other = sorted(set(value) - set(UNET_LAYOUT_FIELDS))
+        if other:
+            raise ValueError(f"{', '.join(other)}: not a layout setting; expected some of {', '.join(UNET_LAYOUT_FIELDS)}")
         base = shipped_tiny_config().structure_unet
         UNetConfig.model_validate({**base.model_dump(), **value})
         return value
