@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from diffusion import checkpoints, runtime, synthetic
-from diffusion.model import GenerationRequest, PanGuDraw, read_model_manifest
+from diffusion.model import PanGuDraw, read_model_manifest
 from diffusion.training import ImageTextSet, OptimConfig
 from diffusion.training.config import TextTrainConfig
 from diffusion.tiny import build_random_model
@@ -162,37 +162,62 @@ def test_cli_trains_the_text_encoders_and_a_structure_stage_that_keeps_them(base
     assert any(not np.array_equal(a[k], b[k]) for k in a)
 
 
+_RECIPE_RUN = """
+import json, sys
+import numpy as np
+from diffusion import runtime
+from diffusion.model import GenerationRequest, PanGuDraw
+from diffusion.training.recipe import TinyModelRecipe, build_tiny_model
+runtime.configure("cpu")
+base = TinyModelRecipe()
+small = dict(steps=2, batch_size=4, checkpoint_every=2, log_every=1)
+recipe = base.model_copy(update={
+    "data": base.data.model_copy(update={"num_images": 24}),
+    "vae": base.vae.model_copy(update=dict(small, steps=1)),
+    "texture": base.texture.model_copy(update=small),
+    "structure": base.structure.model_copy(update=small),
+    "structure_unet": {"patch_size": 2}, "text_learns_in": "texture"})
+report = build_tiny_model(sys.argv[1], sys.argv[2], recipe)
+image, = PanGuDraw.load(sys.argv[1], batch_invariant=False).generate(
+    [GenerationRequest(prompt="a red circle on a blue background", seed=1, width=80, height=48, steps=4)])
+print(json.dumps({"stages": list(report["stages"]), "image_shape": list(image.shape), "image_std": float(image.std())}))
+"""
+
+
 def test_the_recipe_can_train_the_text_encoders_with_the_texture_generator_and_a_coarser_structure_generator(tmp_path):
     """`text_learns_in="texture"`: the texture generator (trained first) moves the text encoders, the structure
-    generator of another layout (`structure_unet`) then reads them frozen; the stages run in that order."""
-    base = TinyModelRecipe()
-    small = dict(steps=2, batch_size=4, checkpoint_every=2, log_every=1)
-    recipe = base.model_copy(update={
-        "data": base.data.model_copy(update={"num_images": 24}),
-        "vae": base.vae.model_copy(update=dict(small, steps=1)),
-        "texture": base.texture.model_copy(update=small),
-        "structure": base.structure.model_copy(update=small),
-        "structure_unet": {"patch_size": 2}, "text_learns_in": "texture"})
+    generator of another layout (`structure_unet`) then reads them frozen; the stages run in that order. The
+    recipe runs in a child process: its compiled graphs would otherwise stay in this test worker's memory."""
+    import subprocess
+    import sys
+
     with pytest.raises(ValueError, match="patch_size"):
         TinyModelRecipe(structure_unet={"patch_size": 0})
     with pytest.raises(ValueError, match="context_dim: not a layout setting"):
         TinyModelRecipe(structure_unet={"context_dim": 32})
     work, out = tmp_path / "work", tmp_path / "out"
-    report = build_tiny_model(out, work, recipe)
-    assert list(report["stages"]) == ["data", "vae", "texture", "structure"]
-    vae, texture, final = (PanGuDraw.load(d, batch_invariant=False)
-                           for d in (work / "models" / "vae", work / "models" / "texture", out))
-    assert final.config.structure_unet.patch_size == 2 and final.config.texture_unet.patch_size == 1
-    assert "patch_size 2" in read_model_manifest(out)["description"]
-    assert "trained with the texture generator" in read_model_manifest(out)["description"]
+    done = subprocess.run([sys.executable, "-c", _RECIPE_RUN, str(out), str(work)], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["stages"] == ["data", "vae", "texture", "structure"]
+    assert result["image_shape"] == [48, 80, 3] and result["image_std"] > 0
+    manifest = read_model_manifest(out)
+    unets = manifest["config"]
+    assert unets["structure_unet"]["patch_size"] == 2 and unets["texture_unet"]["patch_size"] == 1
+    assert "patch_size 2" in manifest["description"]
+    assert "trained with the texture generator" in manifest["description"]
+    vae_dir, texture_dir = work / "models" / "vae", work / "models" / "texture"
+
+    def weights(directory, name):
+        return load_file(str(directory / f"{name}.safetensors"))
+
     for name in ("text_encoder_1", "text_encoder_2"):
-        before, learnt, kept = (checkpoints.state_dict(m.nets[name]) for m in (vae, texture, final))
+        before, learnt, kept = (weights(d, name) for d in (vae_dir, texture_dir, out))
         assert any(not np.array_equal(before[k], learnt[k]) for k in before), name  # the texture stage moved them
         assert all(np.array_equal(learnt[k], kept[k]) for k in learnt), name  # the structure stage kept them
-    a, b = checkpoints.state_dict(texture.nets["texture_unet"]), checkpoints.state_dict(final.nets["texture_unet"])
+    a, b = weights(texture_dir, "texture_unet"), weights(out, "texture_unet")
     assert all(np.array_equal(a[k], b[k]) for k in a)
-    a, b = checkpoints.state_dict(texture.nets["structure_unet"]), checkpoints.state_dict(final.nets["structure_unet"])
+    a, b = weights(texture_dir, "structure_unet"), weights(out, "structure_unet")
     assert any(not np.array_equal(a[k], b[k]) for k in a)
-    image, = final.generate([GenerationRequest(prompt="a red circle on a blue background", seed=1, width=80,
-                                               height=48, steps=4)])
-    assert image.shape == (48, 80, 3) and image.std() > 0
+    assert a["input_blocks.0.0.weight"].shape[1] == 16  # 4 latent channels x 2 x 2
