@@ -1,6 +1,9 @@
 """Shared fixtures. S3 tests talk to moto's S3 server over real HTTP on 127.0.0.1."""
 from __future__ import annotations
 
+import json
+import os
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -67,3 +70,15 @@ def tiny_model_dir(tmp_path_factory):
     from diffusion.tiny import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
+
+
+# PANGUDRAW_TEST_MEMORY_LOG=FILE: one JSON line per test with its worker's resident memory after it (MindSpore keeps
+# each compiled graph for the life of the process, so a worker grows file by file; this shows which files grow it).
+_MEMORY_LOG = os.environ.get("PANGUDRAW_TEST_MEMORY_LOG")
+if _MEMORY_LOG:
+    def pytest_runtest_logfinish(nodeid, location):
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open(_MEMORY_LOG, "a") as f:
+            f.write(json.dumps({"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "test": nodeid,
+                                "rss_gb": round(rss / 2**30, 3), "time": time.time()}) + "\n")

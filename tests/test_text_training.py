@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
@@ -16,7 +17,8 @@ from diffusion.training import ImageTextSet, OptimConfig
 from diffusion.training.config import TextTrainConfig
 from diffusion.tiny import build_random_model
 from diffusion.training.recipe import (
-    TinyModelRecipe, build_tiny_model, check_recipe_settings, contrastive_text_recipe, shipped_tiny_config,
+    CONTRASTIVE_TEXT, TinyModelRecipe, build_tiny_model, check_recipe_settings, contrastive_text_recipe,
+    shipped_tiny_config,
     tokenizer_corpus, train_text_stage,
 )
 from diffusion.training.text_trainer import TextEncoderTrainer
@@ -124,16 +126,26 @@ def test_the_recipe_refuses_a_work_directory_of_other_settings(tmp_path):
     work.mkdir()
     variant = contrastive_text_recipe()
     (work / "report.json").write_text(json.dumps({"stages": {}, "recipe": json.loads(variant.model_dump_json())}))
-    with pytest.raises(UserError, match=r"other recipe settings \(structure, structure_prediction, text;"):
+    with pytest.raises(UserError, match=r"other recipe settings \(final_structure, structure, structure_prediction, "
+                                        r"structure_unet, text;"):
         build_tiny_model(tmp_path / "out", work, TinyModelRecipe())
     assert not (work / "data").exists()
-    # A report written before the text stage existed lacks its settings: that run had the defaults.
+    # A report written before the text stage existed lacks its settings: that run had none and epsilon-prediction.
     legacy = json.loads(TinyModelRecipe().model_dump_json())
     del legacy["text"], legacy["structure_prediction"]
     assert check_recipe_settings({"recipe": legacy}, TinyModelRecipe(), work / "report.json") == \
         json.loads(TinyModelRecipe().model_dump_json())
     with pytest.raises(UserError, match="text"):
         check_recipe_settings({"recipe": legacy}, variant, work / "report.json")
+    # One written before the final structure stage existed trained a single structure generator of the shipped
+    # layout: it is not the default recipe's run, but that of the recipe without the final stage.
+    older = json.loads(TinyModelRecipe().model_dump_json())
+    del older["final_structure"], older["structure_unet"], older["text_learns_in"]
+    with pytest.raises(UserError, match=r"\(final_structure, structure_unet;"):
+        check_recipe_settings({"recipe": older}, TinyModelRecipe(), work / "report.json")
+    single = TinyModelRecipe(final_structure=None, structure_unet={})
+    assert check_recipe_settings({"recipe": older}, single, work / "report.json") == \
+        json.loads(single.model_dump_json())
 
 
 def test_cli_trains_the_text_encoders_and_a_structure_stage_that_keeps_them(base_dir, tmp_path, capsys):
@@ -163,8 +175,7 @@ def test_cli_trains_the_text_encoders_and_a_structure_stage_that_keeps_them(base
 
 
 _RECIPE_RUN = """
-import json, sys
-import numpy as np
+import json, os, sys
 from diffusion import runtime
 from diffusion.model import GenerationRequest, PanGuDraw
 from diffusion.training.recipe import TinyModelRecipe, build_tiny_model
@@ -174,50 +185,132 @@ small = dict(steps=2, batch_size=4, checkpoint_every=2, log_every=1)
 recipe = base.model_copy(update={
     "data": base.data.model_copy(update={"num_images": 24}),
     "vae": base.vae.model_copy(update=dict(small, steps=1)),
-    "texture": base.texture.model_copy(update=small),
     "structure": base.structure.model_copy(update=small),
-    "structure_unet": {"patch_size": 2}, "text_learns_in": "texture"})
+    "texture": base.texture.model_copy(update=small),
+    "final_structure": base.final_structure.model_copy(update=small)})
 report = build_tiny_model(sys.argv[1], sys.argv[2], recipe)
+written = os.stat(os.path.join(sys.argv[1], "structure_unet.safetensors")).st_mtime_ns
+again = build_tiny_model(sys.argv[1], sys.argv[2], recipe)
 image, = PanGuDraw.load(sys.argv[1], batch_invariant=False).generate(
     [GenerationRequest(prompt="a red circle on a blue background", seed=1, width=80, height=48, steps=4)])
-print(json.dumps({"stages": list(report["stages"]), "image_shape": list(image.shape), "image_std": float(image.std())}))
+print(json.dumps({"stages": list(report["stages"]), "again": list(again["stages"]),
+                  "rewritten": os.stat(os.path.join(sys.argv[1], "structure_unet.safetensors")).st_mtime_ns != written,
+                  "image_shape": list(image.shape), "image_std": float(image.std())}))
 """
 
 
-def test_the_recipe_can_train_the_text_encoders_with_the_texture_generator_and_a_coarser_structure_generator(tmp_path):
-    """`text_learns_in="texture"`: the texture generator (trained first) moves the text encoders, the structure
-    generator of another layout (`structure_unet`) then reads them frozen; the stages run in that order. The
-    recipe runs in a child process: its compiled graphs would otherwise stay in this test worker's memory."""
+def _weights(directory, name):
+    return load_file(str(directory / f"{name}.safetensors"))
+
+
+def _same(directory_a, directory_b, name) -> bool:
+    a, b = _weights(directory_a, name), _weights(directory_b, name)
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_the_recipe_trains_the_text_encoders_with_a_first_structure_generator_and_ships_a_coarser_one(tmp_path):
+    """The default recipe at a few steps, end to end: structure (moves the text encoders), texture, then a fresh
+    patch-2 structure generator against the frozen encoders, which ships; a second call trains nothing. The recipe
+    runs in a child process: its compiled graphs would otherwise stay in this test worker's memory."""
     import subprocess
     import sys
 
-    with pytest.raises(ValueError, match="patch_size"):
-        TinyModelRecipe(structure_unet={"patch_size": 0})
-    with pytest.raises(ValueError, match="context_dim: not a layout setting"):
-        TinyModelRecipe(structure_unet={"context_dim": 32})
     work, out = tmp_path / "work", tmp_path / "out"
     done = subprocess.run([sys.executable, "-c", _RECIPE_RUN, str(out), str(work)], capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["stages"] == ["data", "vae", "texture", "structure"]
+    assert result["stages"] == result["again"] == ["data", "vae", "structure", "texture", "final_structure"]
+    assert result["rewritten"] is False
     assert result["image_shape"] == [48, 80, 3] and result["image_std"] > 0
     manifest = read_model_manifest(out)
-    unets = manifest["config"]
-    assert unets["structure_unet"]["patch_size"] == 2 and unets["texture_unet"]["patch_size"] == 1
-    assert "patch_size 2" in manifest["description"]
-    assert "trained with the texture generator" in manifest["description"]
-    vae_dir, texture_dir = work / "models" / "vae", work / "models" / "texture"
-
-    def weights(directory, name):
-        return load_file(str(directory / f"{name}.safetensors"))
-
+    config = manifest["config"]
+    assert (config["structure_unet"]["patch_size"], config["structure_unet"]["model_channels"]) == (2, 64)
+    assert (config["texture_unet"]["patch_size"], config["texture_unet"]["model_channels"]) == (1, 32)
+    assert manifest["trained"] is True
+    assert "model_channels 64, patch_size 2, trained fresh against the frozen text encoders" in manifest["description"]
+    vae_dir, structure_dir, texture_dir = (work / "models" / n for n in ("vae", "structure", "texture"))
+    assert read_model_manifest(structure_dir)["config"]["structure_unet"]["patch_size"] == 1
     for name in ("text_encoder_1", "text_encoder_2"):
-        before, learnt, kept = (weights(d, name) for d in (vae_dir, texture_dir, out))
-        assert any(not np.array_equal(before[k], learnt[k]) for k in before), name  # the texture stage moved them
-        assert all(np.array_equal(learnt[k], kept[k]) for k in learnt), name  # the structure stage kept them
-    a, b = weights(texture_dir, "texture_unet"), weights(out, "texture_unet")
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    a, b = weights(texture_dir, "structure_unet"), weights(out, "structure_unet")
-    assert any(not np.array_equal(a[k], b[k]) for k in a)
-    assert a["input_blocks.0.0.weight"].shape[1] == 16  # 4 latent channels x 2 x 2
+        assert not _same(vae_dir, structure_dir, name), name  # the first structure generator moved them
+        assert _same(structure_dir, texture_dir, name) and _same(texture_dir, out, name), name  # then kept
+    assert not _same(structure_dir, texture_dir, "texture_unet")
+    assert _same(texture_dir, out, "texture_unet") and _same(texture_dir, out, "vae")
+    first, final = _weights(structure_dir, "structure_unet"), _weights(out, "structure_unet")
+    assert first["input_blocks.0.0.weight"].shape == (32, 4, 3, 3)
+    assert final["input_blocks.0.0.weight"].shape == (64, 16, 3, 3)  # 4 latent channels x 2 x 2 in, 64 out
+
+
+def test_the_recipe_runs_its_stages_in_order_for_each_way_of_training_the_text_encoders(base_dir, tmp_path,
+                                                                                      monkeypatch):
+    """Which stage starts from which model, writes where, and whether its text encoders learn, for the default
+    recipe, the recipe without a final structure stage, text learning in the texture stage, and a contrastive text
+    stage. The stages are replaced by a copy of their input model (the training itself is tested above and in
+    test_training.py); the data and VAE stages are done beforehand."""
+    import shutil
+
+    from diffusion.config import ModelConfig
+    from diffusion.training import recipe as recipe_module
+
+    calls = []
+
+    def stage(in_dir, data, config, run_dir, out_dir, *, model_config=None, seed=0, description="", trained=True):
+        calls.append((Path(run_dir).name, Path(in_dir).name, Path(out_dir).name, config.resolved().train_text_encoders,
+                      model_config, seed, config.steps, trained))
+        shutil.copytree(in_dir, out_dir)
+        return {"seconds": 0.0}
+
+    def text_stage(in_dir, data, config, run_dir, out_dir):
+        calls.append(("text", Path(in_dir).name, Path(out_dir).name, True, None, 0, config.steps, False))
+        shutil.copytree(in_dir, out_dir)
+        return {"seconds": 0.0}
+
+    monkeypatch.setattr(recipe_module, "train_diffusion_stage", stage)
+    monkeypatch.setattr(recipe_module, "train_text_stage", text_stage)
+    default = TinyModelRecipe()
+    default = default.model_copy(update={"data": default.data.model_copy(update={"num_images": 16})})
+
+    def run(name, recipe):
+        work = tmp_path / name
+        shutil.copytree(base_dir, work / "models" / "vae")
+        calls.clear()
+        build_tiny_model(work / "out", work, recipe)
+        done = list(calls)
+        calls.clear()
+        build_tiny_model(work / "out", work, recipe)  # every stage is done: nothing runs
+        assert calls == [], name
+        return done
+
+    done = run("default", default)
+    assert [c[:4] for c in done] == [("structure", "vae", "structure", True), ("texture", "structure", "texture", False),
+                                     ("final_structure", "texture", "out", False)]
+    final_config = done[2][4]
+    assert isinstance(final_config, ModelConfig)
+    assert (final_config.structure_unet.patch_size, final_config.structure_unet.model_channels) == (2, 64)
+    base_config = ModelConfig.model_validate(read_model_manifest(base_dir)["config"])
+    assert final_config.texture_unet == base_config.texture_unet and final_config.vae == base_config.vae
+    assert done[2][5:] == (default.model_seed, default.final_structure.steps, True)
+    assert [c[4] for c in done[:2]] == [None, None] and [c[7] for c in done[:2]] == [False, False]
+
+    done = run("single", default.model_copy(update={"final_structure": None, "structure_unet": {}}))
+    assert [c[:4] for c in done] == [("structure", "vae", "structure", True), ("texture", "structure", "out", False)]
+    done = run("texture", default.model_copy(update={"final_structure": None, "text_learns_in": "texture"}))
+    assert [c[:4] for c in done] == [("texture", "vae", "texture", True), ("structure", "texture", "out", False)]
+    done = run("contrastive", contrastive_text_recipe(default))
+    assert [c[:4] for c in done] == [("text", "vae", "text", True), ("texture", "text", "texture", False),
+                                     ("structure", "texture", "out", False)]
+
+
+def test_the_recipe_settings_are_checked_by_name():
+    with pytest.raises(ValueError, match="patch_size"):
+        TinyModelRecipe(structure_unet={"patch_size": 0})
+    with pytest.raises(ValueError, match="context_dim: not a layout setting"):
+        TinyModelRecipe(structure_unet={"context_dim": 32})
+    with pytest.raises(ValueError, match="final_structure: only when the structure stage trains the text encoders"):
+        TinyModelRecipe(text_learns_in="texture")
+    with pytest.raises(ValueError, match="final_structure: only when"):
+        TinyModelRecipe(text=CONTRASTIVE_TEXT)
+    with pytest.raises(ValueError, match="train_text_encoders False"):
+        TinyModelRecipe(final_structure=TinyModelRecipe().final_structure.model_copy(
+            update={"train_text_encoders": True}).model_dump())
+    assert TinyModelRecipe(text_learns_in="texture", final_structure=None).final_structure is None

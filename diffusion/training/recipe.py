@@ -4,7 +4,12 @@
     tokenizers  WordPiece and CLIP BPE vocabularies of the captions' words -> work/tokenizers/
     vae         the KL autoencoder on 32x32 crops, then its latent scale factor -> work/models/vae/
     structure   structure generator + both text encoders, t in [T_s, T), all images -> work/models/structure/
-    texture     texture generator, t in [0, T_s), 8x8 latent crops of full-resolution images -> out_dir
+    texture     texture generator, t in [0, T_s), 8x8 latent crops of full-resolution images -> work/models/texture/
+    final_structure
+                the structure generator that ships: a fresh one of the `structure_unet` layout (patch 2, 64
+                channels), trained against the text encoders of the structure stage, frozen -> out_dir
+
+Without `final_structure` the texture stage writes out_dir and the first structure generator ships.
 
 With `TinyModelRecipe.text` set (e.g. `CONTRASTIVE_TEXT`) a text stage pre-trains both encoders contrastively
 against the images (text_trainer) -> work/models/text/, and the generators then keep them frozen. The two
@@ -23,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from diffusion import synthetic
 from diffusion.config import ModelConfig, tiny_config
@@ -80,11 +85,20 @@ class TinyModelRecipe(BaseModel):
     structure_prediction: Literal["epsilon", "v"] = "epsilon"
     # Layout settings of the structure generator's UNet over the shipped ones (`UNetConfig` fields, as
     # `pangudraw train unet --unet FIELD=VALUE` takes them), e.g. {"patch_size": 2, "model_channels": 64}.
-    structure_unet: dict[str, Any] = {}
+    # With `final_structure` they are the layout of that last, shipped structure generator; the first one keeps the
+    # shipped layout. docs/training.md "Depth, a warm start, a coarser grid": patch 2 doubled the shapes read.
+    structure_unet: dict[str, Any] = {"patch_size": 2, "model_channels": 64}
     # Without a text stage: which generator's loss trains the two text encoders ("structure": the structure
     # generator, trained first; "texture": the texture generator, trained first, then the structure generator
     # with the encoders frozen, the cheaper step).
     text_learns_in: Literal["structure", "texture"] = "structure"
+    # After the structure and texture stages: a fresh structure generator of layout `structure_unet` trained against
+    # the frozen text encoders, which replaces the first one (None: the first one ships). Only with the text
+    # encoders learning in the structure stage; its text encoders never learn.
+    final_structure: DiffusionTrainConfig | None = DiffusionTrainConfig(
+        mode="structure", steps=2400, batch_size=32, checkpoint_every=200, log_every=20, ema_decay=0.995,
+        train_text_encoders=False, optim=OptimConfig(learning_rate=1e-3, warmup_steps=100),
+    )
     model_channels: int = 32
     model_seed: int = 0
 
@@ -100,18 +114,54 @@ class TinyModelRecipe(BaseModel):
         UNetConfig.model_validate({**base.model_dump(), **value})
         return value
 
+    @model_validator(mode="after")
+    def _final_stage(self) -> "TinyModelRecipe":
+        final = self.final_structure
+        if final is None:
+            return self
+        if self.text is not None or self.text_learns_in != "structure":
+            raise ValueError("final_structure: only when the structure stage trains the text encoders (text None, "
+                             "text_learns_in 'structure'); set final_structure None otherwise")
+        if final.mode != "structure" or final.train_text_encoders:
+            raise ValueError("final_structure: expected mode 'structure' with train_text_encoders False")
+        return self
+
+
+# The values of settings added to the recipe after its first runs: a work directory's report written before a
+# setting existed lacks it, and that run had these values.
+_BEFORE_ADDED = {"text": None, "structure_prediction": "epsilon", "structure_unet": {}, "text_learns_in": "structure",
+                 "final_structure": None}
+
+
+def final_structure_config(base: ModelConfig, recipe: TinyModelRecipe) -> ModelConfig:
+    """The model config with the final structure generator's layout (`structure_unet`) over `base`'s."""
+    unet = base.structure_unet
+    unet = type(unet).model_validate({**unet.model_dump(), **recipe.structure_unet,
+                                      "prediction": recipe.structure_prediction})
+    return base.model_copy(update={"structure_unet": unet})
+
 
 def _describe(recipe: TinyModelRecipe) -> str:
     encoders = (f"Text encoders pre-trained contrastively against the images ({recipe.text.steps} steps x "
                 f"{recipe.text.batch_size}), then frozen. " if recipe.text else "Text encoders trained with the "
                 f"{recipe.text_learns_in} generator. ")
     layout = "".join(f", {k} {v}" for k, v in sorted(recipe.structure_unet.items()))
+    final = recipe.final_structure
+    if final is not None:
+        encoders = (f"Text encoders trained with a first structure generator ({recipe.structure.steps} steps x "
+                    f"{recipe.structure.batch_size}). ")
+        structure = (f"Structure generator t>=500 ({recipe.structure_prediction}-prediction{layout}, trained fresh "
+                     f"against the frozen text encoders, {final.steps} steps x {final.batch_size}, EMA "
+                     f"{final.ema_decay}, all images incl. upsampled low-resolution ones)")
+    else:
+        structure = (f"Structure generator t>=500 ({recipe.structure_prediction}-prediction{layout}, "
+                     f"{recipe.structure.steps} steps x {recipe.structure.batch_size}, all images incl. upsampled "
+                     f"low-resolution ones)")
     return (
         f"{SHIPPED_NAME}: a tiny bilingual (English/Chinese/mixed) PanGu-Draw trained from scratch on "
         f"{recipe.data.num_images} synthetic images (diffusion.synthetic: {len(synthetic.SHAPES)} shapes, "
         f"{len(synthetic.COLOURS)} colours, {len(synthetic.PATTERNS)} fill patterns, coloured backgrounds) at 64x64 "
-        f"and 80x48/48x80. {encoders}Structure generator t>=500 ({recipe.structure_prediction}-prediction{layout}, "
-        f"{recipe.structure.steps} steps x {recipe.structure.batch_size}, all images incl. upsampled low-resolution ones), "
+        f"and 80x48/48x80. {encoders}{structure}, "
         f"texture generator t<500 ({recipe.texture.steps} steps x {recipe.texture.batch_size} 32x32-pixel crops). "
         f"Reproduce with `pangudraw train tiny`."
     )
@@ -140,7 +190,8 @@ def contrastive_text_recipe(recipe: TinyModelRecipe | None = None) -> TinyModelR
     """The variant measured in docs/training.md: a contrastive text stage, then frozen encoders, a v-prediction
     structure generator with EMA decay 0.995 (`pangudraw train tiny --text-stage`)."""
     recipe = recipe or TinyModelRecipe()
-    return recipe.model_copy(update={"text": CONTRASTIVE_TEXT, "structure_prediction": "v",
+    return recipe.model_copy(update={"text": CONTRASTIVE_TEXT, "structure_prediction": "v", "final_structure": None,
+                                     "structure_unet": {},
                                      "structure": recipe.structure.model_copy(update={"ema_decay": 0.995})})
 
 
@@ -149,8 +200,8 @@ def check_recipe_settings(report: dict, recipe: TinyModelRecipe, report_path: Pa
     settings = json.loads(recipe.model_dump_json())
     stored = report.get("recipe")
     if stored is not None:
-        # Settings added to the recipe later are absent from older reports; those runs used their defaults.
-        stored = {**json.loads(TinyModelRecipe().model_dump_json()), **stored}
+        # Settings added to the recipe later are absent from older reports; those runs had `_BEFORE_ADDED`.
+        stored = {**json.loads(json.dumps(_BEFORE_ADDED)), **stored}
         if stored != settings:
             changed = sorted(k for k in settings if stored.get(k) != settings[k])
             raise UserError(f"{report_path.parent} holds a run of other recipe settings ({', '.join(changed)}; see "
@@ -161,7 +212,7 @@ def check_recipe_settings(report: dict, recipe: TinyModelRecipe, report_path: Pa
 def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyModelRecipe | None = None) -> dict:
     """Run (or continue) every stage; returns the report, also written to work_dir/report.json."""
     from diffusion import runtime
-    from diffusion.model import PanGuDraw
+    from diffusion.model import PanGuDraw, read_model_manifest
     from diffusion.tiny import build_tokenizers
     from diffusion.training.vae_trainer import VAETrainer, patch_mean_init
 
@@ -186,9 +237,9 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
     data = load_synthetic(data_path)
 
     config = shipped_tiny_config(model_channels=recipe.model_channels)
-    structure_unet = type(config.structure_unet).model_validate(
-        {**config.structure_unet.model_dump(), **recipe.structure_unet, "prediction": recipe.structure_prediction})
-    config = config.model_copy(update={"structure_unet": structure_unet})
+    # With a final structure stage the first structure generator keeps the shipped layout.
+    first = recipe.model_copy(update={"structure_unet": {}}) if recipe.final_structure is not None else recipe
+    config = final_structure_config(config, first)
     tok_dir = work / "tokenizers"
     toks = build_tokenizers(tok_dir, tokenizer_corpus(), config)
 
@@ -218,12 +269,23 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
         _diffusion_stage(report, "structure", texture_dir, out_dir, data, frozen, work, save_report,
                          _describe(recipe), trained=True)
     elif recipe.text is None:
-        # The earlier recipe: the structure generator trains both text encoders, then the texture generator.
-        structure_dir = work / "models" / "structure"
+        # The structure generator trains both text encoders, then the texture generator; then, with
+        # `final_structure`, a fresh structure generator of the `structure_unet` layout on the frozen encoders.
+        structure_dir, texture_dir = work / "models" / "structure", work / "models" / "texture"
         _diffusion_stage(report, "structure", vae_dir, structure_dir, data, recipe.structure, work, save_report,
                          f"{SHIPPED_NAME} after structure training (texture UNet untrained)", trained=False)
-        _diffusion_stage(report, "texture", structure_dir, out_dir, data, recipe.texture, work, save_report,
-                         _describe(recipe), trained=True)
+        if recipe.final_structure is None:
+            _diffusion_stage(report, "texture", structure_dir, out_dir, data, recipe.texture, work, save_report,
+                             _describe(recipe), trained=True)
+        else:
+            _diffusion_stage(report, "texture", structure_dir, texture_dir, data, recipe.texture, work, save_report,
+                             f"{SHIPPED_NAME} after texture training (the structure generator is replaced next)",
+                             trained=False)
+            final = recipe.final_structure.model_copy(update={"train_text_encoders": False})
+            base = ModelConfig.model_validate(read_model_manifest(texture_dir)["config"])
+            _diffusion_stage(report, "final_structure", texture_dir, out_dir, data, final, work, save_report,
+                             _describe(recipe), trained=True, model_config=final_structure_config(base, recipe),
+                             seed=recipe.model_seed)
     else:
         text_dir = work / "models" / "text"
         if not (text_dir / "model.json").is_file():
@@ -243,12 +305,13 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
 
 def _diffusion_stage(report: dict, stage: str, in_dir: Path, out_dir: Path, data: ImageTextSet,
                      config: DiffusionTrainConfig, work: Path, save_report, description: str, *,
-                     trained: bool) -> None:
+                     trained: bool, model_config: ModelConfig | None = None, seed: int = 0) -> None:
     """`train_diffusion_stage` for the recipe: skipped when done, its report kept in the work directory's."""
     if (out_dir / "model.json").is_file() and report["stages"].get(stage) is not None:
         return
     report["stages"][stage] = train_diffusion_stage(in_dir, data, config, work / "runs" / stage, out_dir,
-                                                    description=description, trained=trained)
+                                                    description=description, trained=trained,
+                                                    model_config=model_config, seed=seed)
     save_report()
 
 
