@@ -1,10 +1,10 @@
 """The shipped tiny model draws what it is asked, read back by the shipped attribute classifier.
 
-Measured for the shipped weights on these 24 held-out prompts at 20 steps (guidance 6, aesthetic 4): colour 0.917,
-background 0.958, pattern 0.458, shape 0.167 (per language, colour: en 1.0, zh 0.875, mixed 0.875). On 48 prompts
-`pangudraw eval model --count 48 --steps 20` gives colour 0.917, background 0.958, pattern 0.479, shape 0.188. The
-floors below sit under those figures. The shape is not drawn yet (a blob in the right colour, mostly read as a
-circle; chance is 0.25); its check is an expected failure that turns into an error once a model draws shapes.
+Measured for the shipped weights on these 24 held-out prompts at 20 steps (guidance 6, aesthetic 4): shape 0.458,
+colour 0.875, background 0.917, pattern 0.417 (per language, colour: en, zh and mixed 0.875 each). On 96 prompts
+`pangudraw eval model --count 96 --steps 20` gives shape 0.396, colour 0.875, background 0.979, pattern 0.406. The
+floors below sit under those figures; shape is over chance (0.25) but under the 0.6 target, whose check is an
+expected failure that turns into an error once a model draws shapes that well.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ runtime.configure("cpu")
 pytestmark = pytest.mark.skipif(not (shipped_model_dir() / "model.json").is_file(),
                                 reason="no trained tiny model is shipped (diffusion/shipped/pangu-draw-tiny)")
 
-FLOORS = {"colour": 0.8, "background": 0.85, "pattern": 0.3}
+FLOORS = {"shape": 0.35, "colour": 0.8, "background": 0.85, "pattern": 0.3}
 SHAPE_TARGET = 0.6
 
 
@@ -46,11 +46,12 @@ def test_the_default_model_is_the_shipped_trained_one(shipped):
     assert manifest["trained"] is True
     assert "synthetic" in manifest["description"]
     assert manifest["config"]["vae"]["norm_groups"] == 0
+    assert manifest["config"]["structure_unet"]["patch_size"] == 2
     size = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
-    assert size < 12 * 2**20, f"the shipped model is {size / 2**20:.1f} MB"
+    assert size < 24 * 2**20, f"the shipped model is {size / 2**20:.1f} MB"
 
 
-def test_held_out_prompts_get_their_colour_background_and_pattern(evaluated):
+def test_held_out_prompts_get_their_shape_colour_background_and_pattern(evaluated):
     report, images = evaluated
     assert {im.shape for im in images} == {(64, 64, 3), (48, 80, 3)}
     adherence = report["adherence"]
@@ -61,7 +62,8 @@ def test_held_out_prompts_get_their_colour_background_and_pattern(evaluated):
         assert acc["colour"] >= FLOORS["colour"] - 0.15, (language, acc)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped model does not draw shapes yet (measured 0.167; chance 0.25)")
-def test_held_out_prompts_get_their_shape(evaluated):
+@pytest.mark.xfail(strict=True, reason="the shipped model draws the asked shape in under half of the images "
+                                      "(measured 0.458; chance 0.25; target 0.6)")
+def test_held_out_prompts_get_their_shape_as_often_as_the_target(evaluated):
     report, _ = evaluated
     assert report["adherence"]["shape"] >= SHAPE_TARGET, report["adherence"]
