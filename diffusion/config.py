@@ -161,9 +161,9 @@ class ModelConfig(_Frozen):
 
     @property
     def latent_factor(self) -> int:
-        """Pixels per latent cell times the UNet's own downsampling: bucket sides must be multiples of it."""
-        return self.vae.downsample_factor * max(self.structure_unet.downsample_factor,
-                                                self.texture_unet.downsample_factor)
+        """Pixels per latent cell times the UNets' patch size: image sides must be multiples of it. The UNets' own
+        stride-2 levels take any side (an odd side is rounded up, and the upsampled features cropped back to it)."""
+        return self.vae.downsample_factor * max(self.structure_unet.patch_size, self.texture_unet.patch_size)
 
 
 # ---------------------------------------------------------------- presets

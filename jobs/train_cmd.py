@@ -1,6 +1,7 @@
 """`pangudraw train ...`: the synthetic data set, the shipped tiny model's recipe, and single training stages.
 
-    pangudraw train tiny                      # reproduce the shipped tiny model (data, VAE, structure, texture)
+    pangudraw train tiny                      # reproduce the shipped tiny model (data, VAE, structure, texture,
+                                              # final structure)
     pangudraw train helpers                   # reproduce the shipped Coop-Diffusion helpers (tiny-lowres, tiny-sd15,
                                               # tiny-control)
     pangudraw train data --out data.parquet   # the synthetic bilingual data set alone
@@ -235,14 +236,14 @@ def run_tiny(args: argparse.Namespace) -> int:
     if args.scale != 1.0:
         if args.scale <= 0:
             raise UserError("--scale must be above 0")
-        recipe = _scale_stages(recipe, ("vae", "text", "structure", "texture"), args.scale)
+        recipe = _scale_stages(recipe, ("vae", "text", "structure", "texture", "final_structure"), args.scale)
     out = Path(args.out) if args.out else shipped_model_dir()
     report = build_tiny_model(out, args.work, recipe)
     stages = report["stages"]
     print(f"{out}: tiny model written ({synthetic.__name__} data, work files in {args.work})")
-    for name in ("data", "vae", "text", "texture", "structure"):
+    for name in ("data", "vae", "text", "structure", "texture", "final_structure"):
         if name in stages:
-            print(f"  {name:9s} {stages[name]['seconds']:7.1f} s")
+            print(f"  {name:15s} {stages[name]['seconds']:7.1f} s")
     return 0
 
 

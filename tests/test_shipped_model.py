@@ -51,6 +51,27 @@ def test_the_default_model_is_the_shipped_trained_one(shipped):
     assert size < 24 * 2**20, f"the shipped model is {size / 2**20:.1f} MB"
 
 
+def test_every_aspect_bucket_is_drawn_though_the_structure_generators_levels_do_not_divide_six_of_them(shipped):
+    """The structure generator folds 2x2 latent pixels and halves once more: 72x56 is 14x18 latents, 7x9 folded, an
+    odd side for its stride-2 level. All 11 buckets are planned, and a prompt at 72x56 gets its colours."""
+    from diffusion import buckets
+    from diffusion.model import GenerationRequest
+
+    model = PanGuDraw.load(shipped)
+    sizes = buckets.bucket_sizes(0.125)
+    assert len(sizes) == 11
+    for width, height in sizes:
+        assert model.plan(GenerationRequest(prompt="a star", seed=0, width=width, height=height)).size.width == width
+    images = model.generate([GenerationRequest(prompt="a red square on a blue background", seed=seed, width=72,
+                                               height=56, steps=20) for seed in (0, 1)])
+    for image in images:
+        assert image.shape == (56, 72, 3)
+        px = image.reshape(-1, 3).astype(int)
+        red = (px[:, 0] > 150) & (px[:, 2] < 110)
+        blue = (px[:, 2] > 150) & (px[:, 0] < 110)
+        assert 0.05 < red.mean() < 0.6 and blue.mean() > 0.3, (red.mean(), blue.mean())
+
+
 def test_held_out_prompts_get_their_shape_colour_background_and_pattern(evaluated):
     report, images = evaluated
     assert {im.shape for im in images} == {(64, 64, 3), (48, 80, 3)}

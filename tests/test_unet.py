@@ -251,6 +251,50 @@ def test_upsample_and_downsample_halve_and_double_the_size():
     assert Downsample(2)(x).shape == (1, 2, 2, 2)
 
 
+def test_upsampling_to_an_odd_side_is_nearest_to_that_size_then_the_convolution():
+    """Where a stride-2 level rounded an odd side up, the way back up lands on that side: nearest-neighbour to the
+    size (pixel i reads floor(i * n / m)), then the convolution, whose border is zero at the new edge."""
+    from diffusion.nets.unet import Upsample
+
+    x = np.arange(2 * 4 * 3, dtype=np.float32).reshape(1, 2, 4, 3) + 1.0
+    up = Upsample(2)
+    up.conv.bias.set_data(ms.Tensor(np.zeros(2, np.float32)))
+    w = np.zeros((2, 2, 3, 3), np.float32)
+    w[0, 0, 1, 1] = w[1, 1, 1, 1] = 1.0  # identity
+    up.conv.weight.set_data(ms.Tensor(w))
+    out = up.to_size(ms.Tensor(x), 7, 5).asnumpy()
+    rows, cols = (np.arange(7) * 4) // 7, (np.arange(5) * 3) // 5
+    np.testing.assert_array_equal(out, x[:, :, rows][:, :, :, cols])
+    w = np.zeros((2, 2, 3, 3), np.float32)
+    w[0, 0, 2, 1] = w[1, 1, 2, 1] = 1.0  # each output pixel reads the pixel below it
+    up.conv.weight.set_data(ms.Tensor(w))
+    shifted = up.to_size(ms.Tensor(x), 7, 5).asnumpy()
+    np.testing.assert_array_equal(shifted[:, :, :6], out[:, :, 1:])
+    assert not shifted[:, :, 6].any()  # the row past the new edge is padding, not the dropped x2 row
+
+
+def test_a_unet_takes_latent_sides_its_levels_do_not_divide():
+    """The shipped structure generator's layout (patch 2, two levels) on every aspect bucket's latents at scale
+    1/8: 14x18 folds to 7x9, which the stride-2 level takes to 4x5 and the way up brings back to 7x9."""
+    from diffusion import buckets
+
+    cfg = TINY.model_copy(update={"patch_size": 2})
+    net = UNet(cfg)
+    net.set_train(False)
+    randomize(net, seed=6)
+    graph = ms.jit(net.construct)
+    _, t, context, y = tiny_inputs(1, seed=7)
+    sides = sorted({(h // 4, w // 4) for w, h in buckets.bucket_sizes(0.125)})
+    assert (14, 18) in sides and all(h % 2 == 0 and w % 2 == 0 for h, w in sides)
+    rng = np.random.default_rng(8)
+    for h, w in [(14, 18), (10, 24), (8, 32)]:
+        x = rng.standard_normal((1, cfg.in_channels, h, w)).astype(np.float32)
+        out = run(graph, x, t, context, y)
+        assert out.shape == x.shape and np.isfinite(out).all()
+        np.testing.assert_allclose(out, run(net, x, t, context, y), rtol=1e-4, atol=1e-4)
+    assert tiny_config().model_copy(update={"structure_unet": cfg}).latent_factor == 8  # VAE 4 x patch 2
+
+
 def test_gelu_exact_matches_the_erf_definition():
     x = np.linspace(-8, 8, 4001).astype(np.float32)
     expected = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])

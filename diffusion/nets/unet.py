@@ -35,6 +35,8 @@ class InputConv(Conv2d):
 class ResBlock(nn.Cell):
     """GroupNorm-SiLU-conv, add the projected time embedding, GroupNorm-SiLU-conv, plus a skip path."""
 
+    upsamples = False
+
     def __init__(self, channels: int, out_channels: int, emb_channels: int, groups: int, dtype=ms.float32,
                  scale_shift: bool = False):
         super().__init__()
@@ -112,6 +114,8 @@ class BasicTransformerBlock(nn.Cell):
 class SpatialTransformer(nn.Cell):
     """GroupNorm, linear `proj_in` over tokens (h*w), `depth` transformer blocks, linear `proj_out`, residual."""
 
+    upsamples = False
+
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, groups: int,
                  dtype=ms.float32):
         super().__init__()
@@ -136,6 +140,8 @@ class SpatialTransformer(nn.Cell):
 class Downsample(nn.Cell):
     """A 3x3 convolution with stride 2 (`op`)."""
 
+    upsamples = False
+
     def __init__(self, channels: int, dtype=ms.float32):
         super().__init__()
         self.op = _conv3x3(channels, channels, stride=2, dtype=dtype)
@@ -145,7 +151,11 @@ class Downsample(nn.Cell):
 
 
 class Upsample(nn.Cell):
-    """Nearest-neighbour x2 upsampling followed by a 3x3 convolution (`conv`)."""
+    """Nearest-neighbour x2 upsampling followed by a 3x3 convolution (`conv`). `to_size` upsamples to a side of
+    2n - 1 where the stride-2 level below rounded an odd side up (nearest upsampling to the size, as diffusers'
+    `upsample_size` does: the x2 grid with its last row or column dropped)."""
+
+    upsamples = True
 
     def __init__(self, channels: int, dtype=ms.float32):
         super().__init__()
@@ -153,9 +163,15 @@ class Upsample(nn.Cell):
 
     def construct(self, x, emb=None, context=None):
         b, c, h, w = x.shape
+        return self.to_size(x, h * 2, w * 2)
+
+    def to_size(self, x, height: int, width: int):
+        b, c, h, w = x.shape
         # Broadcast + reshape is nearest x2 without a resize kernel (which some backends lack for bf16).
-        x = ops.broadcast_to(ops.reshape(x, (b, c, h, 1, w, 1)), (b, c, h, 2, w, 2))
-        return self.conv(ops.reshape(x, (b, c, h * 2, w * 2)))
+        x = ops.reshape(ops.broadcast_to(ops.reshape(x, (b, c, h, 1, w, 1)), (b, c, h, 2, w, 2)), (b, c, h * 2, w * 2))
+        if height != h * 2 or width != w * 2:
+            x = x[:, :, :height, :width]
+        return self.conv(x)
 
 
 def position_grid(x):
@@ -273,7 +289,11 @@ class UNet(nn.Cell):
             h = ops.concat((h, skips[skip_index]), axis=1)
             skip_index = skip_index - 1
             for layer in block:
-                h = layer(h, emb, context)
+                if layer.upsamples:
+                    # To the next skip's side: a stride-2 level rounds an odd side up, x2 would overshoot it.
+                    h = layer.to_size(h, skips[skip_index].shape[2], skips[skip_index].shape[3])
+                else:
+                    h = layer(h, emb, context)
         out = self.out(h)
         if self.patch_size > 1:
             out = depth_to_space(out, self.patch_size)
