@@ -72,6 +72,21 @@ def tiny_model_dir(tmp_path_factory):
     return build_random_model(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _recycle_mindspore_memory():
+    """After each test file (its module fixtures torn down first): MindSpore keeps every compiled graph's runtime
+    memory for the life of the process, so a test worker would otherwise grow file by file (past 13 GB in one full
+    run). `ms_memory_recycle` frees it; a model still alive afterwards recompiles on its next call."""
+    yield
+    import sys
+
+    if "mindspore" in sys.modules:
+        import gc
+
+        gc.collect()
+        sys.modules["mindspore"].ms_memory_recycle()
+
+
 # PANGUDRAW_TEST_MEMORY_LOG=FILE: one JSON line per test with its worker's resident memory after it (MindSpore keeps
 # each compiled graph for the life of the process, so a worker grows file by file; this shows which files grow it).
 _MEMORY_LOG = os.environ.get("PANGUDRAW_TEST_MEMORY_LOG")
