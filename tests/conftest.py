@@ -72,12 +72,7 @@ def tiny_model_dir(tmp_path_factory):
     return build_random_model(tmp_path_factory.mktemp("tiny-model") / "model", seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _recycle_mindspore_memory():
-    """After each test file (its module fixtures torn down first): MindSpore keeps every compiled graph's runtime
-    memory for the life of the process, so a test worker would otherwise grow file by file (past 13 GB in one full
-    run). `ms_memory_recycle` frees it; a model still alive afterwards recompiles on its next call."""
-    yield
+def _recycle_mindspore_memory() -> None:
     import sys
 
     if "mindspore" in sys.modules:
@@ -85,6 +80,25 @@ def _recycle_mindspore_memory():
 
         gc.collect()
         sys.modules["mindspore"].ms_memory_recycle()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _recycle_mindspore_memory_after_each_file():
+    """After each test file (its module fixtures torn down first): MindSpore keeps every compiled graph's runtime
+    memory for the life of the process, so a test worker would otherwise grow file by file (past 13 GB in one full
+    run). `ms_memory_recycle` lets the next graphs reuse it; a model still alive afterwards recompiles on its next
+    call."""
+    yield
+    _recycle_mindspore_memory()
+
+
+@pytest.fixture(autouse=True)
+def _recycle_mindspore_memory_after_each_test(request):
+    """The same after each test, in files that set `RECYCLE_AFTER_EACH_TEST = True`: those whose tests each build
+    and train their own models (test_training.py grew a worker by 1.2-1.8 GB a test, to 12 GB)."""
+    yield
+    if getattr(request.module, "RECYCLE_AFTER_EACH_TEST", False):
+        _recycle_mindspore_memory()
 
 
 # PANGUDRAW_TEST_MEMORY_LOG=FILE: one JSON line per test with its worker's resident memory after it (MindSpore keeps

@@ -26,6 +26,9 @@ from jobs import cli
 
 runtime.configure("cpu")
 
+# Each test builds and trains its own models: their compiled graphs are released after each test (conftest.py).
+RECYCLE_AFTER_EACH_TEST = True
+
 
 @pytest.fixture(scope="module")
 def table():

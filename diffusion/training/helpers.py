@@ -37,8 +37,11 @@ def shipped_helper_dir(name: str) -> Path:
 
 
 def helper_config(name: str, base: ModelConfig) -> ModelConfig:
-    """A helper's architecture: the base's text encoders and UNet layout, monolithic, at its own size or VAE."""
-    cfg = base.model_copy(update={"name": name, "monolithic": True})
+    """A helper's architecture: the base's text encoders and its texture generator's UNet layout (one UNet,
+    monolithic), at its own size or VAE. (The shipped helpers were trained when both of the primary's generators had
+    that layout; its structure generator has another since.)"""
+    unet = base.texture_unet
+    cfg = base.model_copy(update={"name": name, "monolithic": True, "structure_unet": unet, "texture_unet": unet})
     if name == "tiny-lowres":
         return cfg.model_copy(update={"bucket_scales": tuple(s / 2 for s in base.bucket_scales)})
     if name in ("tiny-sd15", "tiny-control"):
