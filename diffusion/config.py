@@ -162,7 +162,7 @@ class ModelConfig(_Frozen):
     @property
     def latent_factor(self) -> int:
         """Pixels per latent cell times the UNets' patch size: image sides must be multiples of it. The UNets' own
-        stride-2 levels take any side (an odd side is rounded up, and the upsampled features cropped back to it)."""
+        stride-2 levels take any side (an odd side is rounded up, and the way up lands on it again: `Upsample.to_size`)."""
         return self.vae.downsample_factor * max(self.structure_unet.patch_size, self.texture_unet.patch_size)
 
 

@@ -103,11 +103,13 @@ def _recycle_mindspore_memory_after_each_test(request):
 
 # PANGUDRAW_TEST_MEMORY_LOG=FILE: one JSON line per test with its worker's resident memory after it (MindSpore keeps
 # each compiled graph for the life of the process, so a worker grows file by file; this shows which files grow it).
+# A teardown hook, so only the process that ran the test writes (not xdist's controller), after its fixtures.
 _MEMORY_LOG = os.environ.get("PANGUDRAW_TEST_MEMORY_LOG")
 if _MEMORY_LOG:
-    def pytest_runtest_logfinish(nodeid, location):
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_teardown(item, nextitem):
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         with open(_MEMORY_LOG, "a") as f:
-            f.write(json.dumps({"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "test": nodeid,
+            f.write(json.dumps({"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "test": item.nodeid,
                                 "rss_gb": round(rss / 2**30, 3), "time": time.time()}) + "\n")

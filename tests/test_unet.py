@@ -274,8 +274,9 @@ def test_upsampling_to_an_odd_side_is_nearest_to_that_size_then_the_convolution(
 
 
 def test_a_unet_takes_latent_sides_its_levels_do_not_divide():
-    """The shipped structure generator's layout (patch 2, two levels) on every aspect bucket's latents at scale
-    1/8: 14x18 folds to 7x9, which the stride-2 level takes to 4x5 and the way up brings back to 7x9."""
+    """The tiny preset's two levels with patch 2 (as the shipped structure generator) on the latents of three aspect
+    buckets at scale 1/8: 14x18 folds to 7x9, which the stride-2 level takes to 4x5 and the way up brings back to
+    7x9; 10x24 folds to 5x12; 8x32 to 4x16, even throughout. Every bucket's latent sides are even, so all fold."""
     from diffusion import buckets
 
     cfg = TINY.model_copy(update={"patch_size": 2})
