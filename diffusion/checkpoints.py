@@ -102,14 +102,52 @@ def load_state(cell: nn.Cell, state: dict[str, np.ndarray], *, source: str, stri
 
 # ---------------------------------------------------------------- our safetensors files
 
-def save_weights(cell: nn.Cell, path: str | os.PathLike) -> None:
-    """Write the cell's parameters to a safetensors file (atomically: a temporary file, then a rename)."""
+# How a model directory may store its weights: float32 (what training writes), or float16, half the bytes; loading
+# casts every tensor to its parameter's dtype, so a float16 file runs in float32 with weights rounded to float16.
+WEIGHT_DTYPES = {"float32": np.float32, "float16": np.float16}
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def cast_state(state: dict[str, np.ndarray], dtype: str, *, source: str) -> dict[str, np.ndarray]:
+    """Floating-point tensors of `state` as `dtype` ("float32" or "float16"); other tensors as they are.
+
+    A tensor that float16 cannot hold (a value beyond +-65504, or not finite) raises CheckpointError naming it:
+    rounding never turns a weight into infinity silently.
+    """
+    if dtype not in WEIGHT_DTYPES:
+        raise CheckpointError(f"{source}: weights dtype {dtype!r}, expected one of {', '.join(WEIGHT_DTYPES)}")
+    target = WEIGHT_DTYPES[dtype]
+    out = {}
+    for name, value in state.items():
+        value = np.asarray(value)
+        if not np.issubdtype(value.dtype, np.floating):
+            out[name] = value
+            continue
+        if target is np.float16 and value.size:
+            if not np.all(np.isfinite(value)):
+                raise CheckpointError(f"{source}: parameter {name} has values that are not finite")
+            peak = float(np.abs(value).max())
+            if peak > _FLOAT16_MAX:
+                raise CheckpointError(f"{source}: parameter {name} reaches {peak:.6g}, beyond float16's "
+                                      f"{_FLOAT16_MAX:.0f}; store this model as float32")
+        out[name] = value.astype(target)
+    return out
+
+
+def write_weights(state: dict[str, np.ndarray], path: str | os.PathLike) -> None:
+    """Write named tensors to a safetensors file (atomically: a temporary file, then a rename)."""
     from safetensors.numpy import save_file
 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state_dict(cell), str(tmp), metadata={"format": "np"})
+    save_file({k: np.ascontiguousarray(v) if np.ndim(v) else v for k, v in state.items()}, str(tmp),
+              metadata={"format": "np"})
     os.replace(tmp, path)
+
+
+def save_weights(cell: nn.Cell, path: str | os.PathLike, *, dtype: str = "float32") -> None:
+    """Write the cell's parameters to a safetensors file as `dtype` (`WEIGHT_DTYPES`), atomically."""
+    write_weights(cast_state(state_dict(cell), dtype, source=str(path)), path)
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -238,11 +238,13 @@ class PanGuDraw:
             net.set_train(False)
         self._forward.clear()
 
-    def save(self, path: str | Path, *, description: str = "", trained: bool | None = None) -> Path:
+    def save(self, path: str | Path, *, description: str = "", trained: bool | None = None,
+             weights_dtype: str = "float32") -> Path:
         """Write our model directory format: model.json, one safetensors file per component, tokenizer files.
 
         `trained` is recorded so that loading an untrained (random) model warns that its images are noise; by default
-        the flag of the model this one came from (a model made by `random()` is untrained).
+        the flag of the model this one came from (a model made by `random()` is untrained). `weights_dtype`
+        "float16" stores the weights in half the bytes (`convert_weights`); training writes float32.
         """
         if trained is None:
             trained = self.trained
@@ -259,17 +261,18 @@ class PanGuDraw:
         hashes = {}
         for name, fname in files.items():
             if fname not in hashes:
-                checkpoints.save_weights(self.nets[name], root / fname)
+                checkpoints.save_weights(self.nets[name], root / fname, dtype=weights_dtype)
                 hashes[fname] = checkpoints.weights_hash(root / fname)
         for enc, sub in TOKENIZER_DIRS.items():
             self.tokenizers[enc].save(root / sub)
-        digest = hashlib.sha256(json.dumps(sorted(hashes.items())).encode()).hexdigest()[:16]
+        digest = model_hash(hashes)
         manifest = {
             "format": MODEL_FORMAT,
             "format_version": MODEL_FORMAT_VERSION,
             "description": description,
             "trained": trained,
             "config": json.loads(self.config.model_dump_json()),
+            "weights_dtype": weights_dtype,
             "files": files,
             "file_hashes": hashes,
             "tokenizers": dict(TOKENIZER_DIRS),
@@ -601,6 +604,49 @@ def read_model_manifest(root: Path) -> dict:
     except Exception as exc:  # pydantic's message names the field
         raise UserError(f"{path}: 'config' is invalid: {exc}") from None
     return manifest
+
+
+def model_hash(file_hashes: dict[str, str]) -> str:
+    """A model directory's identity: sha256 over its weight files' hashes (recorded in result manifests)."""
+    return hashlib.sha256(json.dumps(sorted(file_hashes.items())).encode()).hexdigest()[:16]
+
+
+def convert_weights(src: str | Path, weights_dtype: str = "float16", out: str | Path | None = None) -> dict:
+    """Rewrite a model directory's weight files as `weights_dtype` ("float16": half the bytes; "float32").
+
+    In place, or into `out` (a copy of the directory: tokenizers and every other file come along). Loading casts
+    each tensor to its parameter's dtype, so a float16 model still computes in float32, with weights rounded to
+    float16. Converting float16 back to float32 restores the dtype, not the dropped bits. The manifest's
+    `weights_dtype`, file hashes and model hash are updated; a weight that float16 cannot hold is refused before
+    any file changes. Returns {"weights_dtype", "bytes_before", "bytes_after", "hash"}.
+    """
+    import shutil
+
+    from diffusion import checkpoints
+
+    src = Path(src)
+    manifest = read_model_manifest(src)
+    if weights_dtype not in checkpoints.WEIGHT_DTYPES:
+        raise UserError(f"weights dtype {weights_dtype!r}: expected one of {', '.join(checkpoints.WEIGHT_DTYPES)}")
+    root = src if out is None or Path(out).resolve() == src.resolve() else Path(out)
+    if root != src and root.exists():
+        raise UserError(f"{root} exists; name a new directory (or convert in place without --out)")
+    files = sorted(set(manifest.get("files", WEIGHT_FILES).values()))
+    before = sum((src / f).stat().st_size for f in files)
+    # Read and check every file first, so that a tensor float16 cannot hold leaves everything as it was.
+    states = {f: checkpoints.cast_state(checkpoints.read_weights(src / f), weights_dtype, source=str(src / f))
+              for f in files}
+    if root != src:
+        shutil.copytree(src, root)
+    for fname, state in states.items():
+        checkpoints.write_weights(state, root / fname)
+    hashes = {f: checkpoints.weights_hash(root / f) for f in files}
+    manifest.update(weights_dtype=weights_dtype, file_hashes=hashes, hash=model_hash(hashes))
+    tmp = root / "model.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(root / "model.json")
+    after = sum((root / f).stat().st_size for f in files)
+    return {"weights_dtype": weights_dtype, "bytes_before": before, "bytes_after": after, "hash": manifest["hash"]}
 
 
 def preset(name: str) -> ModelConfig:

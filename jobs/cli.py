@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "jobs.cluster_cmd",
     "jobs.train_cmd",
     "jobs.eval_cmd",
+    "jobs.convert_cmd",
 )
 
 

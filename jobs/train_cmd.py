@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "(docs/training.md measures it)")
     tiny.add_argument("--scale", type=float, default=1.0,
                       help="multiply every stage's steps by this (a quick look: 0.1)")
+    tiny.add_argument("--weights-dtype", choices=["float16", "float32"], default="float16",
+                      help="how the written model stores its weights (default: %(default)s, as the shipped model; "
+                           "training and its checkpoints are float32 either way)")
     tiny.set_defaults(func=run_tiny)
 
     helpers = tsub.add_parser("helpers", help="reproduce the shipped Coop-Diffusion helper models "
@@ -57,6 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="train only this helper (may be repeated)")
     helpers.add_argument("--scale", type=float, default=1.0,
                          help="multiply every stage's steps by this (a quick look: 0.1)")
+    helpers.add_argument("--weights-dtype", choices=["float16", "float32"], default=None,
+                         help="how the written helpers store their weights (default: as the base model does)")
     helpers.set_defaults(func=run_helpers)
 
     data = tsub.add_parser("data", help="write the synthetic bilingual data set as Parquet")
@@ -238,12 +243,15 @@ def run_tiny(args: argparse.Namespace) -> int:
             raise UserError("--scale must be above 0")
         recipe = _scale_stages(recipe, ("vae", "text", "structure", "texture", "final_structure"), args.scale)
     out = Path(args.out) if args.out else shipped_model_dir()
-    report = build_tiny_model(out, args.work, recipe)
+    report = build_tiny_model(out, args.work, recipe, weights_dtype=args.weights_dtype)
     stages = report["stages"]
     print(f"{out}: tiny model written ({synthetic.__name__} data, work files in {args.work})")
     for name in ("data", "vae", "text", "structure", "texture", "final_structure"):
         if name in stages:
             print(f"  {name:15s} {stages[name]['seconds']:7.1f} s")
+    weights = report.get("weights", {})
+    if weights:
+        print(f"  weights stored as {weights['weights_dtype']}: {weights['bytes_after'] / 2**20:.1f} MB")
     return 0
 
 
@@ -258,7 +266,8 @@ def run_helpers(args: argparse.Namespace) -> int:
     if args.base is not None and not (Path(args.base) / "model.json").is_file():
         raise UserError(f"--base {args.base}: not a model directory (no model.json)")
     names = tuple(args.only) if args.only else HELPER_NAMES
-    report = build_helpers(args.out, args.work, base_model_dir=args.base, names=names, recipe=recipe)
+    report = build_helpers(args.out, args.work, base_model_dir=args.base, names=names, recipe=recipe,
+                           weights_dtype=args.weights_dtype)
     for name in names:
         entry = report["helpers"].get(name, {})
         secs = sum(entry[k]["seconds"] for k in ("vae", "unet") if k in entry)

@@ -59,8 +59,9 @@ def test_shipped_helpers_are_trained_small_and_read_prompts_like_the_primary(nam
         assert manifest["file_hashes"][enc] == primary["file_hashes"][enc]
     assert (manifest["file_hashes"]["vae.safetensors"] == primary["file_hashes"]["vae.safetensors"]) == \
         (name == "tiny-lowres")
+    assert manifest["weights_dtype"] == primary["weights_dtype"] == "float16"
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    assert size < 6 * 2**20, f"{name} is {size / 2**20:.1f} MB"
+    assert size < 3 * 2**20, f"{name} is {size / 2**20:.1f} MB"
     assert fusion.builtin_model_dir(name) == root
 
 

@@ -199,13 +199,18 @@ print(json.dumps({"stages": list(report["stages"]), "again": list(again["stages"
 """
 
 
+FILE_NAMES = ("structure_unet", "texture_unet", "vae", "text_encoder_1", "text_encoder_2")
+
+
 def _weights(directory, name):
     return load_file(str(directory / f"{name}.safetensors"))
 
 
 def _same(directory_a, directory_b, name) -> bool:
+    """The same weights, as stored in directory_b (the recipe's output stores float16, its stages float32)."""
     a, b = _weights(directory_a, name), _weights(directory_b, name)
-    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and np.array_equal(a[k], b[k]) for k in a)
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and np.array_equal(a[k].astype(b[k].dtype), b[k])
+                                        for k in a)
 
 
 def test_the_recipe_trains_the_text_encoders_with_a_first_structure_generator_and_ships_a_coarser_one(tmp_path):
@@ -228,6 +233,11 @@ def test_the_recipe_trains_the_text_encoders_with_a_first_structure_generator_an
     assert (config["structure_unet"]["patch_size"], config["structure_unet"]["model_channels"]) == (2, 64)
     assert (config["texture_unet"]["patch_size"], config["texture_unet"]["model_channels"]) == (1, 32)
     assert manifest["trained"] is True
+    # The model written last stores float16 (half the bytes); the stages' own directories keep float32.
+    assert manifest["weights_dtype"] == "float16"
+    assert {v.dtype for n in FILE_NAMES for v in _weights(out, n).values()} == {np.dtype(np.float16)}
+    assert {v.dtype for n in FILE_NAMES for v in _weights(work / "models" / "texture", n).values()} == \
+        {np.dtype(np.float32)}
     assert "model_channels 64, patch_size 2, trained fresh against the frozen text encoders" in manifest["description"]
     vae_dir, structure_dir, texture_dir = (work / "models" / n for n in ("vae", "structure", "texture"))
     assert read_model_manifest(structure_dir)["config"]["structure_unet"]["patch_size"] == 1

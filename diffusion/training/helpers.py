@@ -71,10 +71,15 @@ class HelperRecipe(BaseModel):
 
 
 def build_helpers(out_root: str | Path | None, work_dir: str | Path, *, base_model_dir: str | Path | None = None,
-                  names: tuple[str, ...] = HELPER_NAMES, recipe: HelperRecipe | None = None) -> dict:
-    """Train (or continue) each named helper into `out_root/<name>` (default: the shipped location)."""
+                  names: tuple[str, ...] = HELPER_NAMES, recipe: HelperRecipe | None = None,
+                  weights_dtype: str | None = None) -> dict:
+    """Train (or continue) each named helper into `out_root/<name>` (default: the shipped location).
+
+    The helpers store their weights as `weights_dtype` (default: as the base model does), so that the text encoders
+    they share with the base are byte-identical files.
+    """
     from diffusion import checkpoints, runtime, synthetic
-    from diffusion.model import PanGuDraw, default_model_dir
+    from diffusion.model import PanGuDraw, convert_weights, default_model_dir, read_model_manifest
     from diffusion.training.diffusion_trainer import DiffusionTrainer
     from diffusion.training.recipe import TinyModelRecipe, _stage_report, load_synthetic, refit_latent_scale
     from diffusion.training.vae_trainer import VAETrainer, patch_mean_init
@@ -84,6 +89,7 @@ def build_helpers(out_root: str | Path | None, work_dir: str | Path, *, base_mod
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     base_dir = Path(base_model_dir) if base_model_dir is not None else default_model_dir()
+    weights_dtype = weights_dtype or read_model_manifest(base_dir).get("weights_dtype", "float32")
     report_path = work / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {"helpers": {}}
     report["recipe"] = json.loads(recipe.model_dump_json())
@@ -105,6 +111,8 @@ def build_helpers(out_root: str | Path | None, work_dir: str | Path, *, base_mod
         out_dir = Path(out_root) / name if out_root is not None else shipped_helper_dir(name)
         if (out_dir / "model.json").is_file() and report["helpers"].get(name, {}).get("unet") is not None:
             log.info("%s: %s exists, skipped", name, out_dir)
+            if read_model_manifest(out_dir).get("weights_dtype", "float32") != weights_dtype:
+                convert_weights(out_dir, weights_dtype)
             continue
         entry = report["helpers"].setdefault(name, {})
         cfg = helper_config(name, base.config)
@@ -137,7 +145,8 @@ def build_helpers(out_root: str | Path | None, work_dir: str | Path, *, base_mod
         rows = trainer.train()
         trainer.finish()
         entry["unet"] = _stage_report(trainer, rows, time.perf_counter() - t0)
-        model.save(out_dir, description=_describe(name, model.config, recipe, base_dir), trained=True)
+        model.save(out_dir, description=_describe(name, model.config, recipe, base_dir), trained=True,
+                   weights_dtype=weights_dtype)
         entry["out"] = str(out_dir)
         save_report()
         log.info("%s written to %s", name, out_dir)

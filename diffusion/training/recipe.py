@@ -209,10 +209,15 @@ def check_recipe_settings(report: dict, recipe: TinyModelRecipe, report_path: Pa
     return settings
 
 
-def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyModelRecipe | None = None) -> dict:
-    """Run (or continue) every stage; returns the report, also written to work_dir/report.json."""
+def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyModelRecipe | None = None, *,
+                     weights_dtype: str = "float16") -> dict:
+    """Run (or continue) every stage; returns the report, also written to work_dir/report.json.
+
+    The model directory written last stores its weights as `weights_dtype` (the shipped model: float16, half the
+    bytes); every stage trains and checkpoints in float32, and the stages' own model directories stay float32.
+    """
     from diffusion import runtime
-    from diffusion.model import PanGuDraw, read_model_manifest
+    from diffusion.model import PanGuDraw, convert_weights, read_model_manifest
     from diffusion.tiny import build_tokenizers
     from diffusion.training.vae_trainer import VAETrainer, patch_mean_init
 
@@ -298,6 +303,9 @@ def build_tiny_model(out_dir: str | Path, work_dir: str | Path, recipe: TinyMode
         _diffusion_stage(report, "structure", texture_dir, out_dir, data, frozen, work, save_report,
                          _describe(recipe), trained=True)
 
+    if read_model_manifest(out_dir).get("weights_dtype", "float32") != weights_dtype:
+        report["weights"] = convert_weights(out_dir, weights_dtype)
+        log.info("%s: weights stored as %s (%.1f MB)", out_dir, weights_dtype, report["weights"]["bytes_after"] / 2**20)
     report["seconds_this_call"] = time.perf_counter() - start
     save_report()
     return report
