@@ -1,7 +1,8 @@
 """A contact sheet: the job's first images in a grid with their prompts, as PNG and as HTML beside the results.
 
 The HTML page shows every prompt as written (any script); the PNG is for a glance without a browser and draws the
-prompt with the first font found that covers CJK, else Pillow's own font (CJK characters then show as boxes).
+prompt: Latin text in Pillow's own font, CJK characters in the first installed font of `_CJK_FONTS` (none
+installed: they show as boxes).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ _CJK_FONTS = (
     "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
     "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
     "/usr/share/fonts/truetype/arphic/uming.ttc",
+    "/usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf",  # Debian/Ubuntu fonts-droid-fallback
     "/System/Library/Fonts/PingFang.ttc",
     "C:/Windows/Fonts/msyh.ttc",
 )
@@ -41,7 +43,8 @@ def first_images(results: pa.Table, limit: int) -> list[dict]:
     return ok[:limit]
 
 
-def _font(size: int):
+def _cjk_font(size: int):
+    """The first installed font of `_CJK_FONTS`, or None."""
     from PIL import ImageFont
 
     for path in _CJK_FONTS:
@@ -50,14 +53,52 @@ def _font(size: int):
                 return ImageFont.truetype(path, size)
             except OSError:
                 continue
-    return ImageFont.load_default(size=size)
+    return None
 
 
-def _wrap(text: str, width_chars: int, lines: int) -> list[str]:
+def _is_wide(ch: str) -> bool:
+    """CJK ideographs, kana, hangul and full-width forms: the characters Pillow's own font has no glyphs for."""
+    return ord(ch) >= 0x2E80
+
+
+class _CaptionFonts:
+    """Pillow's own font for Latin text, a CJK font (when one is installed) for CJK characters, run by run."""
+
+    def __init__(self, size: int):
+        from PIL import ImageFont
+
+        self.latin = ImageFont.load_default(size=size)
+        self.cjk = _cjk_font(size)
+
+    def runs(self, text: str) -> list[tuple[str, object]]:
+        out: list[tuple[str, object]] = []
+        for ch in text:
+            font = self.cjk if self.cjk is not None and _is_wide(ch) else self.latin
+            if out and out[-1][1] is font:
+                out[-1] = (out[-1][0] + ch, font)
+            else:
+                out.append((ch, font))
+        return out
+
+    def width(self, text: str) -> float:
+        return sum(font.getlength(run) for run, font in self.runs(text))
+
+    def draw(self, draw, xy: tuple[float, float], text: str, fill: str) -> None:
+        x, y = xy
+        for run, font in self.runs(text):
+            draw.text((x, y), run, fill=fill, font=font)
+            x += font.getlength(run)
+
+
+def _wrap(text: str, fits, lines: int) -> list[str]:
+    """Up to `lines` lines of `text`, each as long as `fits(line)` allows; an ellipsis ends a cut text."""
     out, rest = [], text.replace("\n", " ")
     while rest and len(out) < lines:
-        out.append(rest[:width_chars])
-        rest = rest[width_chars:]
+        n = 1
+        while n < len(rest) and fits(rest[:n + 1]):
+            n += 1
+        out.append(rest[:n])
+        rest = rest[n:].lstrip(" ") if len(out) < lines else rest[n:]
     if rest and out:
         out[-1] = out[-1][:-1] + "…"
     return out
@@ -73,7 +114,7 @@ def render_png(images: list[tuple[dict, bytes]], *, thumb: int = 160, columns: i
     cell_w, cell_h = thumb + 2 * pad, thumb + caption_h + 2 * pad
     sheet = Image.new("RGB", (columns * cell_w, max(rows, 1) * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
-    font = _font(11)
+    fonts = _CaptionFonts(11)
     for i, (record, data) in enumerate(images):
         x, y = (i % columns) * cell_w + pad, (i // columns) * cell_h + pad
         with Image.open(io.BytesIO(data)) as image:
@@ -84,9 +125,9 @@ def render_png(images: list[tuple[dict, bytes]], *, thumb: int = 160, columns: i
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
             sheet.paste(image, (x + (thumb - image.width) // 2, y + (thumb - image.height) // 2))
         caption = [f"{record['row_id']} #{record['image_index']}" if record["image_index"] else record["row_id"]]
-        caption += _wrap(record.get("prompt") or "", 26, 2)
+        caption += _wrap(record.get("prompt") or "", lambda line: fonts.width(line) <= cell_w - pad, 2)
         for line_no, line in enumerate(caption):
-            draw.text((x, y + thumb + 2 + 14 * line_no), line, fill="black", font=font)
+            fonts.draw(draw, (x, y + thumb + 2 + 14 * line_no), line, fill="black")
     out = io.BytesIO()
     sheet.save(out, format="PNG")
     return out.getvalue()

@@ -269,6 +269,28 @@ def test_contact_sheet_png_and_html():
     assert "蓝色 &lt;b&gt;cat&lt;/b&gt;" in page and "job &lt;1&gt;" in page and page.count("<figure>") == 5
 
 
+def test_contact_sheet_captions_draw_cjk_in_a_cjk_font_and_wrap_to_the_cell(monkeypatch):
+    from PIL import ImageFont
+
+    from jobs import contact_sheet
+
+    stand_in = ImageFont.load_default(size=13)  # any second font object shows which runs go to the CJK font
+    monkeypatch.setattr(contact_sheet, "_cjk_font", lambda size: stand_in)
+    fonts = contact_sheet._CaptionFonts(11)
+    runs = fonts.runs("a 红色 striped 圆形，blue")
+    assert [(text, font is stand_in) for text, font in runs] == [
+        ("a ", False), ("红色", True), (" striped ", False), ("圆形，", True), ("blue", False)]
+    assert fonts.width("红色") == stand_in.getlength("红色")
+    prompt = "a large red 条纹 circle on the left on a 蓝色 background, every word of it"
+    lines = contact_sheet._wrap(prompt, lambda line: fonts.width(line) <= 100, 2)
+    assert len(lines) == 2 and all(fonts.width(line) <= 100 for line in lines)
+    assert lines[-1].endswith("…") and prompt.startswith(lines[0])
+    assert contact_sheet._wrap("short", lambda line: fonts.width(line) <= 100, 2) == ["short"]
+    # Without a CJK font everything is drawn in Pillow's own font (the CJK characters then show as boxes).
+    monkeypatch.setattr(contact_sheet, "_cjk_font", lambda size: None)
+    assert len(contact_sheet._CaptionFonts(11).runs("a 红色 b")) == 1
+
+
 def test_parse_actors():
     assert parse_actors("2") == {"encode": 2, "structure": 2, "texture": 2, "decode": 2}
     assert parse_actors("structure=3, texture=2") == {"structure": 3, "texture": 2}
