@@ -617,8 +617,9 @@ def convert_weights(src: str | Path, weights_dtype: str = "float16", out: str | 
     In place, or into `out` (a copy of the directory: tokenizers and every other file come along). Loading casts
     each tensor to its parameter's dtype, so a float16 model still computes in float32, with weights rounded to
     float16. Converting float16 back to float32 restores the dtype, not the dropped bits. The manifest's
-    `weights_dtype`, file hashes and model hash are updated; a weight that float16 cannot hold is refused before
-    any file changes. Returns {"weights_dtype", "bytes_before", "bytes_after", "hash"}.
+    `weights_dtype`, file hashes and model hash are updated, the manifest last; a directory whose manifest already
+    says `weights_dtype` is left as it is when converted in place. A weight that float16 cannot hold is refused
+    before any file changes. Returns {"weights_dtype", "bytes_before", "bytes_after", "hash"}.
     """
     import shutil
 
@@ -626,13 +627,13 @@ def convert_weights(src: str | Path, weights_dtype: str = "float16", out: str | 
 
     src = Path(src)
     manifest = read_model_manifest(src)
-    if weights_dtype not in checkpoints.WEIGHT_DTYPES:
-        raise UserError(f"weights dtype {weights_dtype!r}: expected one of {', '.join(checkpoints.WEIGHT_DTYPES)}")
     root = src if out is None or Path(out).resolve() == src.resolve() else Path(out)
     if root != src and root.exists():
         raise UserError(f"{root} exists; name a new directory (or convert in place without --out)")
     files = sorted(set(manifest.get("files", WEIGHT_FILES).values()))
     before = sum((src / f).stat().st_size for f in files)
+    if root == src and manifest.get("weights_dtype", "float32") == weights_dtype:
+        return {"weights_dtype": weights_dtype, "bytes_before": before, "bytes_after": before, "hash": manifest["hash"]}
     # Read and check every file first, so that a tensor float16 cannot hold leaves everything as it was.
     states = {f: checkpoints.cast_state(checkpoints.read_weights(src / f), weights_dtype, source=str(src / f))
               for f in files}

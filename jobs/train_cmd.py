@@ -249,9 +249,8 @@ def run_tiny(args: argparse.Namespace) -> int:
     for name in ("data", "vae", "text", "structure", "texture", "final_structure"):
         if name in stages:
             print(f"  {name:15s} {stages[name]['seconds']:7.1f} s")
-    weights = report.get("weights", {})
-    if weights:
-        print(f"  weights stored as {weights['weights_dtype']}: {weights['bytes_after'] / 2**20:.1f} MB")
+    weights = report["weights"]
+    print(f"  weights stored as {weights['weights_dtype']}: {weights['bytes_after'] / 2**20:.1f} MB")
     return 0
 
 

@@ -111,8 +111,7 @@ def build_helpers(out_root: str | Path | None, work_dir: str | Path, *, base_mod
         out_dir = Path(out_root) / name if out_root is not None else shipped_helper_dir(name)
         if (out_dir / "model.json").is_file() and report["helpers"].get(name, {}).get("unet") is not None:
             log.info("%s: %s exists, skipped", name, out_dir)
-            if read_model_manifest(out_dir).get("weights_dtype", "float32") != weights_dtype:
-                convert_weights(out_dir, weights_dtype)
+            convert_weights(out_dir, weights_dtype)  # nothing is rewritten when already stored so
             continue
         entry = report["helpers"].setdefault(name, {})
         cfg = helper_config(name, base.config)
